@@ -1,0 +1,178 @@
+"""The ``metric-ds`` command: train, validate, prepare, evaluate, report, env.
+
+User errors print ``error: ...`` lines on stderr and exit 1 without a traceback (``--debug`` shows it).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from metric_ds.errors import EnvironmentProblem, UserError
+
+log = logging.getLogger("metric_ds")
+
+
+def _setup_console() -> None:
+    """Short ``warning: ...`` lines for our warnings and log messages, instead of file:line noise."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        if "metric_ds" in filename or issubclass(category, (UserWarning, FutureWarning)):
+            print(f"warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show
+    for name in ("transformers", "torch.distributed", "DeepSpeed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def run_guarded(fn: Callable[[], Any], debug: bool = False) -> int:
+    """Run ``fn``; turn user errors into ``error:`` lines and exit status 1."""
+    _setup_console()
+    try:
+        fn()
+    except UserError as exc:
+        if debug:
+            raise
+        for message in exc.messages:
+            print(f"error: {message}", file=sys.stderr)
+        return 1
+    except EnvironmentProblem as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from metric_ds.config import load_config
+    from metric_ds.train import train
+
+    train(load_config(args.config, args.overrides))
+
+
+def _cmd_validate(args: argparse.Namespace) -> None:
+    from metric_ds.config import load_config
+    from metric_ds.data.pipeline import load_training_data
+    from metric_ds.data.summary import format_summary, summarize
+    from metric_ds.ds_config import check_precision
+    from metric_ds.model import resolve_model_name
+
+    cfg = load_config(args.config, args.overrides)
+    check_precision(cfg)
+    resolve_model_name(cfg.model_name)
+    data = load_training_data(cfg)
+    print(format_summary(summarize(data, cfg)))
+    print("ok: config and data are valid")
+
+
+def _cmd_prepare(args: argparse.Namespace) -> None:
+    from metric_ds.data.prepare import prepare
+
+    summary = prepare(
+        args.input, args.output, text_column=args.text_column, label_column=args.label_column,
+        classifier_fraction=args.classifier_fraction, classifier_per_class=args.classifier_per_class,
+        metric_mask=args.metric_mask, seed=args.seed,
+    )
+    print(f"wrote {args.output}: " + ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, dict)))
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from metric_ds.evaluate import evaluate_command
+
+    evaluate_command(args)
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from metric_ds.report import build_report
+
+    path = build_report(args.run_dir, args.out)
+    print(f"report: {path}")
+
+
+def _cmd_env(args: argparse.Namespace) -> None:
+    from metric_ds.env_report import env_report
+
+    print(env_report())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="metric-ds", description=__doc__.splitlines()[0])
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks for user errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", required=True, help="YAML config file")
+        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override a config key (repeatable), e.g. --set training.batch_size=16")
+        sp.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+    sp = sub.add_parser("train", help="train a model from a YAML config")
+    with_config(sp)
+    sp.set_defaults(fn=_cmd_train)
+
+    sp = sub.add_parser("validate", help="check a config and the dataset it points to, and summarise the data")
+    with_config(sp)
+    sp.set_defaults(fn=_cmd_validate)
+
+    sp = sub.add_parser("prepare", help="convert a CSV/Parquet/JSONL table into metric_ds's format")
+    sp.add_argument("--input", required=True, help="input table (.csv, .parquet or .jsonl)")
+    sp.add_argument("--output", required=True, help="output table (.parquet, .csv or .jsonl)")
+    sp.add_argument("--text-column", default="text")
+    sp.add_argument("--label-column", default="label")
+    group = sp.add_mutually_exclusive_group()
+    group.add_argument("--classifier-fraction", type=float, default=None,
+                       help="keep classifier_mask=1 on a stratified fraction of rows (limited labelling)")
+    group.add_argument("--classifier-per-class", type=int, default=None,
+                       help="keep classifier_mask=1 on N rows per class (limited labelling)")
+    sp.add_argument("--metric-mask", choices=["all", "labelled"], default="all",
+                    help="metric_mask=1 on all rows, or only on rows with classifier_mask=1")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(fn=_cmd_prepare)
+
+    sp = sub.add_parser("evaluate", help="evaluate an exported model on a prepared table")
+    sp.add_argument("--model", required=True, help="an export folder, e.g. RUN_DIR/best")
+    sp.add_argument("--data", required=True, help="a prepared table to evaluate on")
+    sp.add_argument("--bank-data", default=None, help="table to build the retrieval bank from "
+                    "(default: the model's training file)")
+    sp.add_argument("--output", default=None, help="JSON file for the results (default: MODEL/eval/NAME.json)")
+    sp.add_argument("--batch-size", type=int, default=128)
+    sp.add_argument("--max-seq-length", type=int, default=None)
+    sp.add_argument("--recall-at-k", type=int, nargs="+", default=[1, 5, 10])
+    sp.add_argument("--knn-k", type=int, default=10)
+    sp.add_argument("--distance", choices=["cos", "l2"], default="cos")
+    sp.set_defaults(fn=_cmd_evaluate)
+
+    sp = sub.add_parser("report", help="plots and an HTML report of a run")
+    sp.add_argument("run_dir", help="the run folder (checkpoints_dir/run_name)")
+    sp.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report)")
+    sp.set_defaults(fn=_cmd_report)
+
+    sp = sub.add_parser("env", help="versions, and whether the fused SupCon op is built for CPU and CUDA")
+    sp.set_defaults(fn=_cmd_env)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "local_rank", None) is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    return run_guarded(lambda: args.fn(args), debug=args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""The config schema: every key, its type, default and constraints, validated in one place.
+
+A run is described by one YAML file (see ``configs/metric_classifier_training.example.yaml``, which documents
+every key). :func:`load_config` reads it, applies ``--set key.path=value`` overrides and validates it. Every
+problem is reported at once, each with its full key path, e.g.
+``training.supcon_temperature: must be > 0, got -0.1``; unknown keys get a "did you mean" suggestion.
+"""
+from __future__ import annotations
+
+import difflib
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from metric_ds.errors import UserError
+
+# Keys that our own config sets in the DeepSpeed config; the passthrough section may not set them too.
+_DS_OWNED = {
+    "train_micro_batch_size_per_gpu": "training.batch_size",
+    "train_batch_size": "training.batch_size and training.gradient_accumulation_steps",
+    "gradient_accumulation_steps": "training.gradient_accumulation_steps",
+    "gradient_clipping": "training.gradient_clip_val",
+    "fp16": "training.mixed_precision",
+    "bf16": "training.mixed_precision",
+    "optimizer": "optimizer.*",
+    "scheduler": "scheduler.*",
+    "zero_optimization.stage": "deepspeed.zero_stage",
+}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """The encoder's heads."""
+
+    pooling: Literal["mean", "cls", "pooler"] = Field("mean", description="How token states become a sentence vector h.")
+    projection_dim: int | None = Field(None, gt=0, description="Optional SupCon projection head Linear(h) -> dim.")
+    classifier_dropout: float = Field(0.1, ge=0, lt=1, description="Dropout before the classifier Linear(h).")
+
+
+class DataConfig(_Section):
+    """Where the data is and how it is split, balanced and batched."""
+
+    parquet_path: str = Field(..., description="Training table: .parquet, .csv or .jsonl.")
+    val_parquet_path: str | None = Field(None, description="Explicit validation table; replaces val_ratio.")
+    val_ratio: float = Field(0.1, gt=0, lt=1, description="Stratified share of the table kept for validation.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    upsample: int | None = Field(None, gt=0, description="Sample train classes with replacement up to N rows.")
+    downsample: int | None = Field(None, gt=0, description="Sample train classes without replacement down to N.")
+    sampler: Literal["random", "pk"] = Field("random", description="random batches, or P classes x K samples.")
+    classes_per_batch: int | None = Field(None, gt=0, description="pk sampler: classes per batch (P).")
+    samples_per_class: int | None = Field(None, ge=2, description="pk sampler: rows per class (K >= 2).")
+
+    @model_validator(mode="after")
+    def _check_pk(self) -> DataConfig:
+        if self.sampler == "pk" and (self.classes_per_batch is None or self.samples_per_class is None):
+            raise ValueError("sampler 'pk' needs data.classes_per_batch and data.samples_per_class")
+        if self.upsample is not None and self.downsample is not None and self.upsample > self.downsample:
+            raise ValueError(f"upsample ({self.upsample}) must be <= downsample ({self.downsample})")
+        return self
+
+
+class TrainingConfig(_Section):
+    """The optimisation loop and the joint loss."""
+
+    batch_size: int = Field(32, gt=0, description="Micro-batch size per process.")
+    num_epochs: int = Field(3, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    max_seq_length: int = Field(128, gt=1, description="Truncation length; batches are padded dynamically.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    attention_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
+    gradient_clip_val: float = Field(1.0, ge=0, description="Global grad-norm clip; 0 disables.")
+    seed: int = 42
+    resume_from: str | None = Field(None, description="A checkpoint folder, a run folder, or 'latest'.")
+    supcon_temperature: float = Field(0.07, gt=0)
+    classification_loss_weight: float = Field(1.0, ge=0)
+    metric_loss_weight: float = Field(1.0, ge=0)
+    supcon_impl: Literal["auto", "fused", "reference"] = "auto"
+    supcon_scope: Literal["global", "local"] = Field("global", description="SupCon negatives from all ranks or own.")
+    contrastive_batch: Literal["micro"] = Field("micro", description="The SupCon batch is the micro-batch.")
+    max_steps: int | None = Field(None, gt=0, description="Cap on optimizer steps (smoke runs).")
+    log_every_n_steps: int = Field(10, gt=0)
+    eval_every_n_steps: int | None = Field(None, gt=0, description="Also validate every N steps (always at epoch end).")
+
+    @model_validator(mode="after")
+    def _check_weights(self) -> TrainingConfig:
+        if self.classification_loss_weight == 0 and self.metric_loss_weight == 0:
+            raise ValueError("classification_loss_weight and metric_loss_weight are both 0: nothing to train")
+        return self
+
+
+class OptimizerConfig(_Section):
+    """AdamW."""
+
+    learning_rate: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+
+
+class SchedulerConfig(_Section):
+    """A ``transformers.get_scheduler`` schedule."""
+
+    name: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
+    ] = "linear"
+    warmup_steps: int = Field(0, ge=0)
+    num_training_steps: int | None = Field(None, gt=0, description="null: computed from data, epochs, max_steps.")
+    num_cycles: float = Field(0.5, gt=0, description="cosine: half-waves; cosine_with_restarts: restarts.")
+
+
+class CheckpointingConfig(_Section):
+    """Where runs go and what is kept."""
+
+    checkpoints_dir: str = "runs"
+    save_every_n_batches: int | None = Field(None, gt=0, description="Periodic checkpoint every N optimizer steps.")
+    keep_last_n_checkpoints: int = Field(2, gt=0)
+    save_best_by: Literal["loss", "acc", "f1"] = "f1"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_spelling(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "save_every_n_bathces" in data:
+            data = dict(data)
+            value = data.pop("save_every_n_bathces")
+            if "save_every_n_batches" in data:
+                raise ValueError("give save_every_n_batches only (save_every_n_bathces is its old spelling)")
+            warnings.warn(
+                "checkpointing.save_every_n_bathces is deprecated: rename it to save_every_n_batches",
+                FutureWarning,
+                stacklevel=2,
+            )
+            data["save_every_n_batches"] = value
+        return data
+
+
+class MetricValidationConfig(_Section):
+    """Retrieval metrics against the bank of recent train embeddings."""
+
+    recall_at_k: list[int] = Field(default_factory=lambda: [1, 5, 10])
+    distance: Literal["cos", "l2"] = "cos"
+    knn_k: int = Field(10, gt=0)
+    keep_last_n_emb_steps: int = Field(50, ge=0, description="Bank holds metric rows of the last N optimizer steps.")
+
+    @field_validator("recall_at_k")
+    @classmethod
+    def _positive_ks(cls, ks: list[int]) -> list[int]:
+        if not ks or any(k <= 0 for k in ks):
+            raise ValueError(f"must be a non-empty list of positive integers, got {ks}")
+        return sorted(set(ks))
+
+
+class NeptuneConfig(_Section):
+    """Neptune tracking. The API token comes only from the NEPTUNE_API_TOKEN environment variable."""
+
+    enabled: bool = False
+    project: str | None = None
+    mode: Literal["async", "offline", "debug"] = "offline"
+    name: str | None = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class LoggingConfig(_Section):
+    """Where metrics go (only rank 0 logs)."""
+
+    backends: list[Literal["jsonl", "console", "tensorboard", "neptune"]] = Field(
+        default_factory=lambda: ["jsonl", "console"]
+    )
+
+
+class DeepSpeedConfig(_Section):
+    """DeepSpeed engine settings; ``config`` passes raw DeepSpeed keys through."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    config: dict[str, Any] = Field(default_factory=dict, description="Raw DeepSpeed keys not covered above.")
+
+    @field_validator("config")
+    @classmethod
+    def _no_conflicts(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        clashes = []
+        for key, ours in _DS_OWNED.items():
+            head, _, tail = key.partition(".")
+            if head in raw and (not tail or (isinstance(raw[head], dict) and tail in raw[head])):
+                clashes.append(f"'{key}' is set by {ours}")
+        if clashes:
+            raise ValueError("conflicts with our own keys: " + "; ".join(clashes) + ". Remove them from deepspeed.config")
+        return raw
+
+
+class Config(_Section):
+    """A whole run."""
+
+    run_name: str = Field("run", pattern=r"^[A-Za-z0-9._-]+$", description="Run folder name under checkpoints_dir.")
+    model_name: str | None = Field(None, description="HF model folder or hub name; null is the bundled MiniLM.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    checkpointing: CheckpointingConfig = Field(default_factory=CheckpointingConfig)
+    metric_validation: MetricValidationConfig = Field(default_factory=MetricValidationConfig)
+    neptune: NeptuneConfig = Field(default_factory=NeptuneConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        """``checkpoints_dir/run_name``."""
+        return Path(self.checkpointing.checkpoints_dir) / self.run_name
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain YAML-able data."""
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names valid at ``loc`` (a path into the schema), for "did you mean" suggestions."""
+    for part in loc:
+        field = model.model_fields.get(str(part)) if isinstance(part, str) else None
+        ann = getattr(field, "annotation", None)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def _describe(err: dict[str, Any]) -> tuple[str, str]:
+    """Turn one pydantic error into (key path, message)."""
+    loc = tuple(p for p in err["loc"] if p not in ("function-after",))
+    path = ".".join(str(p) for p in loc) or "<root>"
+    ctx = err.get("ctx") or {}
+    got = err.get("input")
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        known = _known_keys(Config, loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else (f"; known keys: {', '.join(known)}" if known else "")
+        return path, f"unknown key{hint}"
+    if kind == "missing":
+        return path, "is required"
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+    if kind in bounds:
+        limit = next(iter(ctx.values()))
+        return path, f"must be {bounds[kind]} {limit}, got {got!r}"
+    if kind == "literal_error":
+        return path, f"must be one of {ctx.get('expected')}, got {got!r}"
+    if kind == "value_error":
+        return path, str(ctx.get("error", err["msg"]))
+    if kind == "string_pattern_mismatch":
+        return path, f"must match {ctx.get('pattern')} (letters, digits, '.', '_', '-'), got {got!r}"
+    return path, f"{err['msg'][0].lower()}{err['msg'][1:]}, got {got!r}"
+
+
+def _format_errors(exc: ValidationError, source: str) -> UserError:
+    messages = []
+    for err in exc.errors():
+        path, message = _describe(err)
+        messages.append(f"{source}: {path}: {message}")
+    return UserError(messages)
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse ``key.path=value``; the value is read as YAML (``3``, ``0.1``, ``null``, ``[1, 5]``, ``text``)."""
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected key.path=value, e.g. --set training.batch_size=16")
+    key, _, raw = item.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise UserError(f"--set {item!r}: the key is empty")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``--set`` overrides to raw config data (before validation, so they are validated too)."""
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = data
+        for part in parts[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise UserError(f"--set {item!r}: {part} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist: check the path given to --config")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def validate_config(data: dict[str, Any], source: str = "config") -> Config:
+    """Validate raw config data, reporting every problem at once with its key path."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", FutureWarning)
+            cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        raise _format_errors(exc, source) from None
+    for w in caught:
+        warnings.warn(f"{source}: {w.message}", w.category, stacklevel=2)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read, override and validate a YAML config.
+
+    Relative data paths stay relative to the working directory (as users type them on the command line).
+
+    Args:
+        path: the YAML file.
+        overrides: ``key.path=value`` strings from ``--set``.
+
+    Raises:
+        UserError: listing every problem, each with its key path.
+    """
+    data = apply_overrides(read_yaml(path), overrides or [])
+    return validate_config(data, source=str(path))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,136 @@
+"""The config schema: defaults, constraints with full key paths, unknown keys, overrides, shipped YAMLs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from metric_ds.config import Config, load_config, validate_config
+from metric_ds.ds_config import build_ds_config
+from metric_ds.errors import UserError
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+
+
+def minimal(**sections) -> dict:
+    data = {"data": {"parquet_path": "train.parquet"}}
+    for key, value in sections.items():
+        data[key] = value
+    return data
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_yaml_loads(path):
+    assert isinstance(load_config(path), Config)
+
+
+def test_example_documents_every_key():
+    """The example YAML names every key of the schema (so the reference cannot rot)."""
+    example = yaml.safe_load((CONFIGS[0].parent / "metric_classifier_training.example.yaml").read_text())
+
+    def keys(model, prefix=""):
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, Config.__mro__[1]):
+                yield from keys(ann, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}"
+
+    def lookup(data, path):
+        for part in path.split("."):
+            assert part in data, f"{path} missing from the example config"
+            data = data[part]
+
+    for key in keys(Config):
+        lookup(example, key)
+
+
+def test_defaults():
+    cfg = validate_config(minimal())
+    assert cfg.training.supcon_temperature == 0.07
+    assert cfg.model_name is None and cfg.run_name == "run"
+    assert cfg.metric_validation.recall_at_k == [1, 5, 10]
+
+
+def test_all_errors_at_once_with_key_paths():
+    data = minimal(training={"supcon_temperature": -0.1, "batch_size": 0, "mixed_precision": "fp8"})
+    data["data"]["val_ratio"] = 1.5
+    with pytest.raises(UserError) as info:
+        validate_config(data, source="cfg.yaml")
+    text = str(info.value)
+    assert "training.supcon_temperature: must be > 0" in text and "got -0.1" in text
+    assert "training.batch_size: must be > 0" in text
+    assert "training.mixed_precision: must be one of" in text
+    assert "data.val_ratio: must be < 1" in text
+    assert len(info.value.messages) == 4
+    assert all(m.startswith("cfg.yaml: ") for m in info.value.messages)
+
+
+@pytest.mark.parametrize("ratio", [0, 1, -0.2, 1.5])
+def test_val_ratio_outside_unit_interval(ratio):
+    data = minimal()
+    data["data"]["val_ratio"] = ratio
+    with pytest.raises(UserError, match="data.val_ratio"):
+        validate_config(data)
+
+
+def test_unknown_key_suggests():
+    data = minimal(training={"supcon_temprature": 0.1})
+    with pytest.raises(UserError, match=r"training.supcon_temprature: unknown key; did you mean 'supcon_temperature'"):
+        validate_config(data)
+    with pytest.raises(UserError, match=r"trainng: unknown key; did you mean 'training'"):
+        validate_config({**minimal(), "trainng": {}})
+
+
+def test_missing_required():
+    with pytest.raises(UserError, match="data.parquet_path: is required"):
+        validate_config({"data": {}})
+
+
+def test_old_spelling_is_an_alias(recwarn):
+    cfg = validate_config(minimal(checkpointing={"save_every_n_bathces": 7}))
+    assert cfg.checkpointing.save_every_n_batches == 7
+    assert any("save_every_n_bathces is deprecated" in str(w.message) for w in recwarn.list)
+
+
+def test_pk_needs_sizes_and_both_weights_zero():
+    data = minimal(training={"classification_loss_weight": 0, "metric_loss_weight": 0})
+    data["data"]["sampler"] = "pk"
+    with pytest.raises(UserError) as info:
+        validate_config(data)
+    assert len(info.value.messages) == 2
+
+
+def test_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(minimal()))
+    cfg = load_config(path, ["training.batch_size=16", "metric_validation.recall_at_k=[1, 3]", "model_name=null",
+                             "deepspeed.zero_stage=2"])
+    assert cfg.training.batch_size == 16 and cfg.metric_validation.recall_at_k == [1, 3]
+    assert cfg.deepspeed.zero_stage == 2
+    with pytest.raises(UserError, match="training.batch_size: must be > 0"):
+        load_config(path, ["training.batch_size=-1"])
+    with pytest.raises(UserError, match="expected key.path=value"):
+        load_config(path, ["training.batch_size"])
+
+
+def test_missing_and_bad_yaml_files(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_deepspeed_passthrough_and_conflicts():
+    cfg = validate_config(minimal(deepspeed={"zero_stage": 2, "config": {"zero_optimization": {"overlap_comm": False},
+                                                                          "wall_clock_breakdown": True}}))
+    ds = build_ds_config(cfg)
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": False}
+    assert ds["wall_clock_breakdown"] is True and ds["train_micro_batch_size_per_gpu"] == 32
+    with pytest.raises(UserError, match="'gradient_clipping' is set by training.gradient_clip_val"):
+        validate_config(minimal(deepspeed={"config": {"gradient_clipping": 2.0}}))
+    with pytest.raises(UserError, match="'zero_optimization.stage' is set by deepspeed.zero_stage"):
+        validate_config(minimal(deepspeed={"config": {"zero_optimization": {"stage": 3}}}))
