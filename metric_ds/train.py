@@ -221,6 +221,7 @@ class Trainer:
                                      batch["metric_mask"])
                 boundary = self.engine.is_gradient_accumulation_boundary()
                 self.engine.backward(terms["loss"])
+                manual_norm = self._grad_norm_before_step() if boundary else None
                 self.engine.step()
                 st.batch_in_epoch += 1
                 n_global = int(D.all_reduce_sum(torch.tensor(batch["index"].numel())).item())
@@ -241,6 +242,7 @@ class Trainer:
                     elapsed = time.perf_counter() - window_t0
                     record = {f"train/{'loss' if k == 'total' else k}": v / window_micro for k, v in window.items()}
                     grad_norm = self.engine.get_global_grad_norm()
+                    grad_norm = manual_norm if grad_norm is None else grad_norm
                     record.update({
                         "train/lr": lr,
                         "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
@@ -288,6 +290,13 @@ class Trainer:
             )
         self.tracker.close()
         return summary
+
+    def _grad_norm_before_step(self) -> float | None:
+        """The gradient norm before clipping, where DeepSpeed does not report one (ZeRO 0 in fp32)."""
+        if self.cfg.deepspeed.zero_stage != 0 or self.cfg.training.mixed_precision != "no":
+            return None
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
     def _bank_add(self, out: Any, batch: dict[str, torch.Tensor], step: int) -> None:
         """Add this micro-batch's metric rows (from every rank, in rank order) to the bank."""

@@ -1,0 +1,110 @@
+"""``metric-ds evaluate --model DIR --data F``: score an exported model on any prepared table.
+
+Classification (accuracy, macro-F1, per-class F1, the most confused pairs) on rows with ``classifier_mask``;
+retrieval (Recall@K, k-NN accuracy and macro-F1) with the rows with ``metric_mask`` as queries against a bank
+built by embedding the model's training file (recorded in the export) or ``--bank-data``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from metric_ds.data.collate import Collator, TextDataset
+from metric_ds.data.io import read_table
+from metric_ds.data.labels import LabelMap
+from metric_ds.data.validation import validate_frame
+from metric_ds.errors import UserError
+from metric_ds.evaluation import ShardedBatches, collect_outputs
+from metric_ds.metrics import accuracy, confusion_pairs, macro_f1, per_class_f1, retrieval_metrics
+from metric_ds.model import load_exported
+
+
+def _encode(df: Any, label_map: LabelMap, source: str) -> Any:
+    known = set(label_map.names)
+    unknown = sorted({str(v) for v in df["label"].unique() if v not in known}, key=str)
+    if unknown:
+        raise UserError(f"{source}: labels unknown to the model: {', '.join(unknown[:10])}"
+                        f"{' ...' if len(unknown) > 10 else ''}. Evaluate on data with the model's classes "
+                        "(see labels.json in the model folder)")
+    df = df.copy()
+    df["label_id"] = label_map.encode(df["label"])
+    return df
+
+
+def embed_table(model: torch.nn.Module, tokenizer: Any, df: Any, max_seq_length: int, batch_size: int
+                ) -> dict[str, torch.Tensor]:
+    """Run the model over every row of a validated, encoded table (row order kept)."""
+    dataset = TextDataset.from_frame(df, tokenizer, max_seq_length)
+    collator = Collator(tokenizer, max_seq_length)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=ShardedBatches(len(dataset), batch_size),
+                                         collate_fn=collator)
+    return collect_outputs(model, loader, torch.device("cpu"))
+
+
+def evaluate(model_dir: str | Path, data: str | Path, bank_data: str | Path | None = None, batch_size: int = 128,
+             max_seq_length: int | None = None, recall_at_k: list[int] = (1, 5, 10), knn_k: int = 10,
+             distance: str = "cos") -> dict[str, Any]:
+    """Evaluate an export on a table; returns the JSON-able results."""
+    model_dir = Path(model_dir)
+    model, tokenizer = load_exported(model_dir)
+    label_map = LabelMap.load(model_dir / "labels.json")
+    cfg_path = model_dir / "metric_ds_config.yaml"
+    train_cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
+    if max_seq_length is None:
+        max_seq_length = int(train_cfg.get("training", {}).get("max_seq_length", 128))
+    df = _encode(validate_frame(read_table(data), str(data)), label_map, str(data))
+    out = embed_table(model, tokenizer, df, max_seq_length, batch_size)
+    names = label_map.names
+    results: dict[str, Any] = {"model": str(model_dir), "data": str(data), "rows": len(df)}
+    cm = out["classifier_mask"].bool()
+    if cm.any():
+        y, p = out["labels"][cm], out["logits"][cm].argmax(1)
+        results["accuracy"] = float(accuracy(y, p))
+        results["macro_f1"] = float(macro_f1(y, p))
+        f1s = per_class_f1(y, p, num_classes=len(names))
+        results["per_class_f1"] = {str(names[i]): float(f) for i, f in enumerate(f1s.tolist())}
+        results["confusion_pairs"] = [[str(names[a]), str(names[b]), int(c)]
+                                      for a, b, c in confusion_pairs(y, p, top=20)]
+    if bank_data is None:
+        meta = model_dir / "training_data.json"
+        bank_data = json.loads(meta.read_text())["train"] if meta.is_file() else None
+    mm = out["metric_mask"].bool()
+    if bank_data is not None and Path(bank_data).is_file() and mm.any():
+        bank_df = _encode(validate_frame(read_table(bank_data), str(bank_data)), label_map, str(bank_data))
+        bank_out = embed_table(model, tokenizer, bank_df, max_seq_length, batch_size)
+        bm = bank_out["metric_mask"].bool()
+        bank = (bank_out["z"][bm], bank_out["h"][bm], bank_out["labels"][bm])
+        results["retrieval"] = retrieval_metrics(out["z"][mm], out["h"][mm], out["labels"][mm], bank,
+                                                 recall_at_k=list(recall_at_k), knn_k=knn_k, distance=distance)
+        results["bank_data"] = str(bank_data)
+    return results
+
+
+def format_results(results: dict[str, Any]) -> str:
+    rows = [("rows", str(results["rows"]))]
+    if "accuracy" in results:
+        rows += [("accuracy", f"{100 * results['accuracy']:.2f}%"), ("macro-F1", f"{100 * results['macro_f1']:.2f}")]
+    for key, value in results.get("retrieval", {}).items():
+        rows.append((key, f"{100 * value:.2f}"))
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    if results.get("confusion_pairs"):
+        lines.append("most confused (true -> predicted: count):")
+        lines += [f"  {a} -> {b}: {c}" for a, b, c in results["confusion_pairs"][:5]]
+    return "\n".join(lines)
+
+
+def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
+    results = evaluate(args.model, args.data, args.bank_data, args.batch_size, args.max_seq_length,
+                       args.recall_at_k, args.knn_k, args.distance)
+    output = Path(args.output) if args.output else Path(args.model) / "eval" / f"{Path(args.data).stem}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2))
+    print(format_results(results))
+    print(f"wrote {output}")
+    return results
