@@ -1,0 +1,1 @@
+"""Data: reading, validation, labels, split, balance, samplers, collation, preparation and summaries."""
