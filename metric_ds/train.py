@@ -207,6 +207,9 @@ class Trainer:
         window_micro, window_t0, window_samples = 0, time.perf_counter(), 0
         done = st.global_step >= self.total_steps
         last_eval_step = None
+        # from_pretrained returns the encoder in eval mode: without this, dropout would stay off until the
+        # first validation switched the whole model to train mode.
+        self.engine.train()
         while not done and st.epoch < t.num_epochs:
             self.sampler.set_epoch(st.epoch)
             loader = torch.utils.data.DataLoader(
