@@ -1,4 +1,12 @@
-"""Build script: the package, plus the fused SupCon op (see metric_ds/ops/build.py)."""
-from setuptools import setup
+"""Build script: the package, plus the fused SupCon op (the logic lives in metric_ds/ops/build.py)."""
+import importlib.util
+from pathlib import Path
 
-setup()
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension
+
+_spec = importlib.util.spec_from_file_location("_md_build", Path(__file__).parent / "metric_ds" / "ops" / "build.py")
+_build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_build)
+
+setup(ext_modules=_build.extensions(), cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})

@@ -1,4 +1,9 @@
-"""SupCon ops: the pure-PyTorch reference and (when built) the fused op, behind one entry point."""
+"""SupCon ops: the pure-PyTorch reference and the fused C++/CUDA op, behind one entry point.
+
+``impl="reference"`` is the specification (:mod:`metric_ds.ops.reference`), ``"fused"`` the compiled op (an
+error naming the reason and the fix where it is not built for the tensor's device), and ``"auto"`` the fused op
+where available, else the reference with one warning saying why.
+"""
 from __future__ import annotations
 
 import warnings
@@ -6,39 +11,85 @@ import warnings
 import torch
 
 from metric_ds.errors import EnvironmentProblem
-from metric_ds.ops.reference import supcon_loss_reference
+from metric_ds.ops.reference import resolve_anchors, supcon_loss_reference
 
 IMPLS = ("auto", "fused", "reference")
-_warned = False
+_warned: set[str] = set()
+
+__all__ = ["IMPLS", "SupConLoss", "op_status", "supcon_loss", "supcon_loss_reference"]
 
 
 def op_status() -> dict[str, object]:
-    """Whether the fused op is available per device, and why not."""
-    return {"cpu_available": False, "cuda_available": False, "reason": "the fused op is not built yet"}
+    """Whether the fused op is available on CPU and on CUDA, and why not (for ``metric-ds env``)."""
+    from metric_ds.ops import build, fused
+
+    cpu_ok, cpu_why = fused.available("cpu")
+    cuda_ok, cuda_why = fused.available("cuda")
+    return {"cpu_available": cpu_ok, "cpu": cpu_why, "cuda_available": cuda_ok, "cuda": cuda_why,
+            "cuda_build": build.cuda_build_decision()[1]}
 
 
-def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float, anchor_start: int = 0,
-                anchor_count: int | None = None, num_valid_global: int | torch.Tensor | None = None,
-                impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """SupCon loss (see :mod:`metric_ds.ops.reference` for the maths). Returns ``(loss, num_valid)``."""
-    global _warned
+def supcon_loss(
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    anchor_start: int = 0,
+    anchor_count: int | None = None,
+    num_valid_global: int | torch.Tensor | None = None,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Supervised Contrastive loss (the maths: :mod:`metric_ds.ops.reference`).
+
+    Args:
+        z: the contrast set, L2-normalised (fp32, bf16 or fp16; accumulated in fp32).
+        labels: int64 class of each row.
+        temperature: tau > 0.
+        anchor_start, anchor_count: the anchor rows ``[anchor_start, anchor_start + anchor_count)``
+            (default: every row from ``anchor_start``).
+        num_valid_global: denominator override (valid anchors over all ranks).
+        impl: ``auto``, ``fused`` or ``reference``.
+
+    Shape:
+        z: (m, d); labels: (m,).
+
+    Returns:
+        ``(loss, num_valid)``: the scalar loss and the number of this call's anchors with a positive.
+    """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
-    status = op_status()
-    if impl == "fused":
-        raise EnvironmentProblem(f"supcon impl 'fused' is unavailable: {status['reason']}")
-    if impl == "auto" and not _warned:
-        warnings.warn(f"fused SupCon op unavailable ({status['reason']}); using the reference", stacklevel=2)
-        _warned = True
-    return supcon_loss_reference(z, labels, temperature, anchor_start, anchor_count, num_valid_global)
+    if impl == "reference":
+        return supcon_loss_reference(z, labels, temperature, anchor_start, anchor_count, num_valid_global)
+    from metric_ds.ops import fused
+
+    ok, why = fused.available(z.device.type)
+    if not ok:
+        if impl == "fused":
+            raise EnvironmentProblem(
+                f"the fused SupCon op is not available for {z.device.type} tensors: {why}. Rebuild it with "
+                "`make setup` (or `pip install --no-build-isolation -e .`), or use supcon_impl: reference")
+        if z.device.type not in _warned:
+            _warned.add(z.device.type)
+            warnings.warn(f"fused SupCon op unavailable on {z.device.type} ({why}); using the PyTorch reference",
+                          stacklevel=2)
+        return supcon_loss_reference(z, labels, temperature, anchor_start, anchor_count, num_valid_global)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    n = resolve_anchors(z.shape[0], anchor_start, anchor_count)
+    return fused.supcon_loss_fused(z, labels, temperature, anchor_start, n, num_valid_global)
 
 
 class SupConLoss(torch.nn.Module):
-    """``nn.Module`` wrapper of :func:`supcon_loss`."""
+    """``nn.Module`` wrapper of :func:`supcon_loss`.
+
+    Args:
+        temperature: tau.
+        impl: ``auto``, ``fused`` or ``reference``.
+    """
 
     def __init__(self, temperature: float = 0.07, impl: str = "auto"):
         super().__init__()
         self.temperature, self.impl = temperature, impl
 
-    def forward(self, z, labels, **kwargs):
-        return supcon_loss(z, labels, self.temperature, impl=self.impl, **kwargs)
+    def forward(self, z: torch.Tensor, labels: torch.Tensor, anchor_start: int = 0, anchor_count: int | None = None,
+                num_valid_global: int | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return supcon_loss(z, labels, self.temperature, anchor_start, anchor_count, num_valid_global, self.impl)

@@ -83,7 +83,7 @@ def supcon_loss_reference(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     m = z.shape[0]
     n = resolve_anchors(m, anchor_start, anchor_count)
-    z32 = z.float()
+    z32 = z.double() if z.dtype == torch.float64 else z.float()  # fp64 stays fp64 (gradcheck)
     za = z32[anchor_start:anchor_start + n]
     logits = za @ z32.T / temperature  # (n, m)
     rows = torch.arange(n, device=z.device)

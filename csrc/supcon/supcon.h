@@ -1,0 +1,51 @@
+// Fused Supervised Contrastive loss: shared declarations.
+//
+// The maths is documented once, in metric_ds/ops/reference.py. This op computes exactly that loss without
+// materialising the (anchors x m) similarity matrix: one tile loop (supcon_loop.cpp), shared by CPU and CUDA,
+// computes similarity tiles with ATen matmul and hands each tile to small device-specific epilogues
+// (supcon_cpu.cpp, supcon_cuda.cu) that update per-row statistics (forward) or turn the tile into gradient
+// weights (backward). When the anchors are the whole contrast set, S_IJ = S_JI^T lets one tile serve both
+// row blocks, so forward + backward cost two B x B x d matmuls in total.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace metric_ds {
+
+// Per-device epilogues. Tiles are fp32 (fp64 for fp64 inputs), contiguous, row-major, already scaled by 1/temperature.
+// Labels are int32 class ids. `self_offset`: row i's own column inside the tile is i + self_offset (none when outside [0, tj)).
+struct Epilogues {
+  // Online statistics of the tile's rows: running max and sum of exp (log-sum-exp over j != self), and the sum
+  // and count of positive logits (same label, j != self). May overwrite the tile.
+  void (*row_stats)(at::Tensor& tile, int64_t self_offset, const at::Tensor& labels_rows,
+                    const at::Tensor& labels_cols, at::Tensor& run_max, at::Tensor& run_sum,
+                    at::Tensor& pos_sum, at::Tensor& pos_cnt);
+  // In place: tile[i][j] = coef_i * exp(S_ij - lse_i) - [y_i == y_j] * invp_i, plus, when `cols` statistics are
+  // given (symmetric case), the same term of row j: coef_j * exp(S_ij - lse_j) - [y_i == y_j] * invp_j.
+  // Self entries become 0. coef = upstream gradient (0 for anchors without positives), invp = coef / |P|.
+  void (*grad_tile)(at::Tensor& tile, int64_t self_offset, const at::Tensor& labels_rows,
+                    const at::Tensor& labels_cols, const at::Tensor& lse_rows, const at::Tensor& coef_rows,
+                    const at::Tensor& invp_rows, const at::Tensor* lse_cols, const at::Tensor* coef_cols,
+                    const at::Tensor* invp_cols);
+};
+
+// Tile width (rows and columns of a similarity tile); METRIC_DS_SUPCON_TILE overrides it.
+int64_t tile_size(int64_t default_size);
+
+// Forward: returns (per-anchor loss (n,), log-sum-exp (n,), positive count (n,)), all fp32.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_forward_impl(
+    const at::Tensor& z, const at::Tensor& labels, double temperature, int64_t anchor_start,
+    int64_t anchor_count, const Epilogues& ep, int64_t tile);
+
+// Backward: gradient of sum_i grad_rows[i] * loss_i with respect to z, in z's dtype.
+at::Tensor supcon_backward_impl(const at::Tensor& grad_rows, const at::Tensor& z, const at::Tensor& labels,
+                                const at::Tensor& lse, const at::Tensor& num_pos, double temperature,
+                                int64_t anchor_start, int64_t anchor_count, const Epilogues& ep, int64_t tile);
+
+// Argument checks shared by both devices (TORCH_CHECK with the argument's name).
+void check_inputs(const at::Tensor& z, const at::Tensor& labels, double temperature, int64_t anchor_start,
+                  int64_t anchor_count);
+
+}  // namespace metric_ds

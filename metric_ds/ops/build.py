@@ -1,0 +1,85 @@
+"""How the fused SupCon op is built: sources, flags and the CUDA decision (one place for setup.py and JIT).
+
+Environment switches: ``METRIC_DS_SKIP_CUDA=1`` never builds the CUDA part; ``METRIC_DS_FORCE_CUDA=1`` builds it
+even without a visible GPU (it is otherwise skipped there, since it could not run; ``make cuda-check`` proves it
+compiles); ``TORCH_CUDA_ARCH_LIST`` picks the architectures (default ``8.0;9.0``).
+
+This module imports only torch and the standard library, so setup.py can load it by path.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CSRC = ROOT / "csrc" / "supcon"
+CPU_SOURCES = ["supcon_loop.cpp", "supcon_cpu.cpp"]
+CUDA_SOURCES = ["supcon_loop.cpp", "supcon_cuda.cu"]
+CPU_NAME = "metric_ds._supcon_cpu"
+CUDA_NAME = "metric_ds._supcon_cuda"
+CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp-simd"]
+NVCC_FLAGS = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]
+DEFAULT_ARCHS = "8.0;9.0"
+
+
+def real_cuda_home() -> str | None:
+    """The CUDA toolkit root. ``nvcc`` on PATH may be a wrapper script that execs the real one; follow it."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    path = Path(nvcc).resolve()
+    try:
+        text = path.read_text(errors="ignore")[:4096] if path.stat().st_size < 65536 else ""
+    except OSError:
+        text = ""
+    match = re.search(r"exec\s+(\S+/bin/nvcc)", text)
+    if match:
+        path = Path(match.group(1))
+    return str(path.parent.parent)
+
+
+def torch_cuda_include_dirs() -> list[str]:
+    """torch's own CUDA headers (nvidia/cu13/include in site-packages): the toolkit here lacks cuBLAS headers."""
+    import torch
+
+    site = Path(torch.__file__).resolve().parent.parent
+    return [str(p) for p in sorted(site.glob("nvidia/cu*/include")) + sorted(site.glob("nvidia/*/include"))
+            if p.is_dir()]
+
+
+def cuda_build_decision() -> tuple[bool, str]:
+    """Whether to build the CUDA extension, and why (not)."""
+    import torch
+
+    if os.environ.get("METRIC_DS_SKIP_CUDA") == "1":
+        return False, "METRIC_DS_SKIP_CUDA=1"
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is a CPU build"
+    if real_cuda_home() is None:
+        return False, "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+    if os.environ.get("METRIC_DS_FORCE_CUDA") == "1":
+        return True, "METRIC_DS_FORCE_CUDA=1"
+    if not torch.cuda.is_available():
+        return False, "no GPU visible (METRIC_DS_FORCE_CUDA=1 builds it anyway; `make cuda-check` compiles it)"
+    return True, "torch has CUDA, nvcc found and a GPU is visible"
+
+
+def extensions() -> list:
+    """setuptools extensions for ``setup.py``."""
+    from torch.utils import cpp_extension
+
+    rel = lambda names: [str((CSRC / n).relative_to(ROOT)) for n in names]  # noqa: E731
+    exts = [cpp_extension.CppExtension(CPU_NAME, rel(CPU_SOURCES), extra_compile_args={"cxx": CXX_FLAGS})]
+    build_cuda, why = cuda_build_decision()
+    print(f"metric_ds: CUDA SupCon op {'built' if build_cuda else 'skipped'}: {why}")
+    if build_cuda:
+        os.environ.setdefault("CUDA_HOME", real_cuda_home() or "")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+        exts.append(cpp_extension.CUDAExtension(
+            CUDA_NAME, rel(CUDA_SOURCES), include_dirs=torch_cuda_include_dirs(),
+            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}))
+    return exts
