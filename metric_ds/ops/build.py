@@ -20,7 +20,7 @@ CUDA_SOURCES = ["supcon_loop.cpp", "supcon_cuda.cu"]
 CPU_NAME = "metric_ds._supcon_cpu"
 CUDA_NAME = "metric_ds._supcon_cuda"
 CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp-simd"]
-NVCC_FLAGS = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]
+NVCC_FLAGS = ["-O3", "-std=c++20", "-lineinfo"]
 DEFAULT_ARCHS = "8.0;9.0"
 
 

@@ -1,0 +1,197 @@
+// CUDA epilogues for the shared tile loop (supcon_loop.cpp), and the op's CUDA registration.
+//
+// row_stats: one block per tile row; block-wide reductions (warp shuffles, then shared memory) of the positive
+// sum/count, the row max and the sum of exp, merged into the running online log-sum-exp by thread 0.
+// grad_tile: one thread per tile element (grid-stride), in place.
+// Only c10's CUDA headers are needed (no cuBLAS headers: the matmuls are ATen's, in the shared loop).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <limits>
+
+#include "supcon.h"
+
+namespace metric_ds {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+__device__ __forceinline__ float dev_exp(float x) { return expf(x); }
+__device__ __forceinline__ double dev_exp(double x) { return exp(x); }
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_max(T v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+// Block-wide sum / max; every thread gets the result. `scratch` holds kWarps values.
+template <typename T>
+__device__ T block_sum(T v, T* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_sum(v);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  T r = lane < kWarps ? scratch[lane] : T(0);
+  r = warp_sum(r);
+  __syncthreads();  // scratch is reused by the next reduction
+  return r;
+}
+
+template <typename T>
+__device__ T block_max(T v, T* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_max(v);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  T r = lane < kWarps ? scratch[lane] : -std::numeric_limits<T>::infinity();
+  r = warp_max(r);
+  __syncthreads();
+  return r;
+}
+
+template <typename T>
+__global__ void row_stats_kernel(T* __restrict__ tile, int64_t tj, int64_t self_offset,
+                                 const int32_t* __restrict__ lr, const int32_t* __restrict__ lc,
+                                 T* __restrict__ run_max, T* __restrict__ run_sum, T* __restrict__ pos_sum,
+                                 T* __restrict__ pos_cnt) {
+  __shared__ T scratch[kWarps];
+  const int64_t i = blockIdx.x;
+  const T* row = tile + i * tj;
+  const int64_t self = i + self_offset;
+  const int32_t li = lr[i];
+  T psum = 0, pcnt = 0, tmax = -std::numeric_limits<T>::infinity();
+  for (int64_t j = threadIdx.x; j < tj; j += blockDim.x) {
+    if (j == self) continue;
+    const T v = row[j];
+    if (lc[j] == li) {
+      psum += v;
+      pcnt += T(1);
+    }
+    tmax = fmax(tmax, v);
+  }
+  psum = block_sum(psum, scratch);
+  pcnt = block_sum(pcnt, scratch);
+  tmax = block_max(tmax, scratch);
+  T tsum = 0;
+  if (tmax != -std::numeric_limits<T>::infinity()) {
+    for (int64_t j = threadIdx.x; j < tj; j += blockDim.x) {
+      if (j != self) tsum += dev_exp(row[j] - tmax);
+    }
+  }
+  tsum = block_sum(tsum, scratch);
+  if (threadIdx.x == 0) {
+    pos_sum[i] += psum;
+    pos_cnt[i] += pcnt;
+    if (tmax == -std::numeric_limits<T>::infinity()) return;  // no entry besides self in this tile
+    const T old = run_max[i];
+    if (old == -std::numeric_limits<T>::infinity()) {
+      run_max[i] = tmax;
+      run_sum[i] = tsum;
+    } else {
+      const T m = fmax(old, tmax);
+      run_sum[i] = run_sum[i] * dev_exp(old - m) + tsum * dev_exp(tmax - m);
+      run_max[i] = m;
+    }
+  }
+}
+
+template <typename T>
+__global__ void grad_tile_kernel(T* __restrict__ tile, int64_t ti, int64_t tj, int64_t self_offset,
+                                 const int32_t* __restrict__ lr, const int32_t* __restrict__ lc,
+                                 const T* __restrict__ lse_r, const T* __restrict__ coef_r,
+                                 const T* __restrict__ invp_r, const T* __restrict__ lse_c,
+                                 const T* __restrict__ coef_c, const T* __restrict__ invp_c) {
+  const int64_t total = ti * tj;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = idx / tj, j = idx - i * tj;
+    if (j == i + self_offset) {
+      tile[idx] = T(0);
+      continue;
+    }
+    const T v = tile[idx];
+    const bool pos = lc[j] == lr[i];
+    T h = coef_r[i] == T(0) ? T(0) : coef_r[i] * dev_exp(v - lse_r[i]) - (pos ? invp_r[i] : T(0));
+    if (lse_c != nullptr && coef_c[j] != T(0)) h += coef_c[j] * dev_exp(v - lse_c[j]) - (pos ? invp_c[j] : T(0));
+    tile[idx] = h;
+  }
+}
+
+void row_stats_cuda(at::Tensor& tile, int64_t self_offset, const at::Tensor& labels_rows,
+                    const at::Tensor& labels_cols, at::Tensor& run_max, at::Tensor& run_sum, at::Tensor& pos_sum,
+                    at::Tensor& pos_cnt) {
+  const int64_t ti = tile.size(0), tj = tile.size(1);
+  if (ti == 0) return;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(tile.scalar_type(), "supcon_row_stats_cuda", [&] {
+    row_stats_kernel<scalar_t><<<static_cast<unsigned>(ti), kThreads, 0, stream>>>(
+        tile.data_ptr<scalar_t>(), tj, self_offset, labels_rows.data_ptr<int32_t>(),
+        labels_cols.data_ptr<int32_t>(), run_max.data_ptr<scalar_t>(), run_sum.data_ptr<scalar_t>(),
+        pos_sum.data_ptr<scalar_t>(), pos_cnt.data_ptr<scalar_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void grad_tile_cuda(at::Tensor& tile, int64_t self_offset, const at::Tensor& labels_rows,
+                    const at::Tensor& labels_cols, const at::Tensor& lse_rows, const at::Tensor& coef_rows,
+                    const at::Tensor& invp_rows, const at::Tensor* lse_cols, const at::Tensor* coef_cols,
+                    const at::Tensor* invp_cols) {
+  const int64_t ti = tile.size(0), tj = tile.size(1);
+  if (ti == 0 || tj == 0) return;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t blocks = std::min<int64_t>((ti * tj + kThreads - 1) / kThreads, 65535);
+  AT_DISPATCH_FLOATING_TYPES(tile.scalar_type(), "supcon_grad_tile_cuda", [&] {
+    const bool sym = lse_cols != nullptr;
+    grad_tile_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        tile.data_ptr<scalar_t>(), ti, tj, self_offset, labels_rows.data_ptr<int32_t>(),
+        labels_cols.data_ptr<int32_t>(), lse_rows.data_ptr<scalar_t>(), coef_rows.data_ptr<scalar_t>(),
+        invp_rows.data_ptr<scalar_t>(), sym ? lse_cols->data_ptr<scalar_t>() : nullptr,
+        sym ? coef_cols->data_ptr<scalar_t>() : nullptr, sym ? invp_cols->data_ptr<scalar_t>() : nullptr);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+const Epilogues kCudaEpilogues{&row_stats_cuda, &grad_tile_cuda};
+
+void check_cuda(const at::Tensor& z) { TORCH_CHECK(z.is_cuda(), "z must be a CUDA tensor here"); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_fwd_cuda(const at::Tensor& z, const at::Tensor& labels,
+                                                               double temperature, int64_t anchor_start,
+                                                               int64_t anchor_count) {
+  check_cuda(z);
+  const c10::cuda::CUDAGuard guard(z.device());
+  return supcon_forward_impl(z, labels, temperature, anchor_start, anchor_count, kCudaEpilogues, tile_size(4096));
+}
+
+at::Tensor supcon_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor& z, const at::Tensor& labels,
+                           const at::Tensor& lse, const at::Tensor& num_pos, double temperature,
+                           int64_t anchor_start, int64_t anchor_count) {
+  check_cuda(z);
+  const c10::cuda::CUDAGuard guard(z.device());
+  return supcon_backward_impl(grad_rows, z, labels, lse, num_pos, temperature, anchor_start, anchor_count,
+                              kCudaEpilogues, tile_size(4096));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(metric_ds, CUDA, m) {
+  m.impl("supcon_fwd", &supcon_fwd_cuda);
+  m.impl("supcon_bwd", &supcon_bwd_cuda);
+}
+
+}  // namespace metric_ds
