@@ -63,8 +63,18 @@ def ensure_loaded() -> None:
         _register_python_parts()
 
 
+_available: dict[str, tuple[bool, str]] = {}
+
+
 def available(device_type: str) -> tuple[bool, str]:
-    """Whether the fused op runs on ``device_type`` ('cpu' or 'cuda'), and why not."""
+    """Whether the fused op runs on ``device_type`` ('cpu' or 'cuda'), and why not (memoised, so that
+    ``torch.compile`` traces a dictionary lookup rather than the dispatcher query)."""
+    if device_type not in _available:
+        _available[device_type] = _check_available(device_type)
+    return _available[device_type]
+
+
+def _check_available(device_type: str) -> tuple[bool, str]:
     ensure_loaded()
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     if key is not None and _has_kernel(key):

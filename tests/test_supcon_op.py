@@ -1,0 +1,197 @@
+"""The fused SupCon op against the reference: sizes, labels, anchor slices, ties, temperatures, dtypes,
+gradients (upstream != 1, non-contiguous inputs), gradcheck, opcheck and the impl dispatch."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import metric_ds.ops as ops
+from metric_ds.errors import EnvironmentProblem
+from metric_ds.ops import SupConLoss, op_status, supcon_loss, supcon_loss_reference
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+needs_fused_cpu = pytest.mark.skipif(not op_status()["cpu_available"], reason="fused op not built for CPU")
+
+
+def make(m: int, d: int, labels: str, device: str = "cpu", dtype=torch.float32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    z = F.normalize(torch.randn(m, d, generator=g, dtype=torch.float64), dim=1)
+    if labels == "equal":
+        y = torch.zeros(m, dtype=torch.long)
+    elif labels == "distinct":
+        y = torch.arange(m)
+    else:
+        y = torch.randint(0, int(labels), (m,), generator=g)
+    return z.to(device=device, dtype=dtype), y.to(device)
+
+
+def loss_and_grad(z, y, tau, impl, start=0, count=None, upstream=1.0, num_valid_global=None):
+    z = z.detach().clone().requires_grad_()
+    loss, nv = supcon_loss(z, y, tau, start, count, num_valid_global, impl=impl)
+    (loss * upstream).backward()
+    return loss.detach(), z.grad, nv
+
+
+def assert_close_rel(a, b, rel, what, floor=None):
+    """Max error <= rel x the reference's largest magnitude. A loss that is exactly 0 in the reference (one
+    positive that is also the only other row) is compared on the scale of 1 instead."""
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    floor = (1.0 if what == "loss" else 1e-7) if floor is None else floor
+    err = float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+    assert err <= rel * max(scale, floor), f"{what}: max error {err:.3g} vs scale {scale:.3g}"
+
+
+GRID = [(m, d) for m in (1, 2, 3, 97, 1025) for d in (1, 59, 384)] + [(4099, 59), (1025, 768)]
+
+
+@needs_fused_cpu
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,d", GRID)
+@pytest.mark.parametrize("labels", ["equal", "distinct", "2", "77"])
+def test_matches_reference_fp32(device, m, d, labels):
+    z, y = make(m, d, labels, device)
+    ref = loss_and_grad(z, y, 0.07, "reference", upstream=1.7)
+    got = loss_and_grad(z, y, 0.07, "fused", upstream=1.7)
+    assert_close_rel(got[0], ref[0], 1e-5, "loss")
+    assert_close_rel(got[1], ref[1], 1e-5, "grad")
+    assert int(got[2]) == int(ref[2])
+
+
+@needs_fused_cpu
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("where", ["start", "middle", "end"])
+@pytest.mark.parametrize("m", [97, 2500])
+def test_anchor_slices(device, where, m):
+    z, y = make(m, 33, "5", device)
+    count = m // 3
+    start = {"start": 0, "middle": m // 3, "end": m - count}[where]
+    ref = loss_and_grad(z, y, 0.1, "reference", start, count, upstream=-0.3, num_valid_global=m)
+    got = loss_and_grad(z, y, 0.1, "fused", start, count, upstream=-0.3, num_valid_global=m)
+    assert_close_rel(got[0], ref[0], 1e-5, "loss")
+    assert_close_rel(got[1], ref[1], 1e-5, "grad")
+
+
+@needs_fused_cpu
+@pytest.mark.parametrize("tau", [0.01, 0.07, 1.0])
+def test_ties_and_temperatures(tau):
+    z, y = make(300, 16, "7")
+    z = torch.cat([z, z[:50], z[:50]])  # duplicated rows: equal similarities everywhere
+    y = torch.cat([y, y[:50], y[:50]])
+    ref = loss_and_grad(z, y, tau, "reference")
+    got = loss_and_grad(z, y, tau, "fused")
+    assert_close_rel(got[0], ref[0], 1e-5, "loss")
+    assert_close_rel(got[1], ref[1], 1e-5, "grad")
+
+
+@needs_fused_cpu
+def test_identical_rows_tiny_temperature_no_overflow():
+    z = F.normalize(torch.ones(64, 8), dim=1)
+    y = torch.arange(64) % 4
+    loss, grad, _ = loss_and_grad(z, y, 0.01, "fused")
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert float(loss) == pytest.approx(float(torch.log(torch.tensor(63.0))), rel=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["reference"] + (["fused"] if op_status()["cpu_available"] else []))
+def test_no_positives_gives_zero_loss_and_grad(impl):
+    z, y = make(50, 8, "distinct")
+    z = z.requires_grad_()
+    loss, nv = supcon_loss(z, y, 0.07, impl=impl)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and int(nv) == 0
+    assert loss.requires_grad is True or loss.grad_fn is not None
+    assert torch.equal(z.grad, torch.zeros_like(z))
+
+
+@needs_fused_cpu
+def test_non_contiguous_inputs():
+    z, y = make(400, 64, "9")
+    zt = z.t().contiguous().t()  # same values, column-major
+    ys = torch.stack([y, y], 1)[:, 0]  # strided labels
+    assert not zt.is_contiguous() and not ys.is_contiguous()
+    ref = loss_and_grad(z, y, 0.07, "reference", upstream=2.5)
+    got = loss_and_grad(zt, ys, 0.07, "fused", upstream=2.5)
+    assert_close_rel(got[0], ref[0], 1e-5, "loss")
+    assert_close_rel(got[1], ref[1], 1e-5, "grad")
+
+
+@needs_fused_cpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_within_twice_reference_error(dtype):
+    """flash-attention's oracle: fp32 reference is truth; the fused op's error in low precision may be at most
+    2x the reference's own error in that precision."""
+    z, y = make(257, 32, "5")
+    truth = loss_and_grad(z, y, 0.1, "reference")
+    z_low = z.to(dtype)
+    ref_low = loss_and_grad(z_low, y, 0.1, "reference")
+    fused_low = loss_and_grad(z_low, y, 0.1, "fused")
+    for k in (0, 1):
+        ref_err = float((ref_low[k].float() - truth[k]).abs().max())
+        fused_err = float((fused_low[k].float() - truth[k]).abs().max())
+        assert fused_err <= 2 * ref_err + 1e-6, (k, fused_err, ref_err)
+    assert fused_low[1].dtype == dtype
+
+
+@needs_fused_cpu
+@pytest.mark.parametrize("start,count", [(0, None), (3, 5)])
+def test_gradcheck_float64(start, count):
+    z, y = make(13, 5, "3", dtype=torch.float64)
+    z.requires_grad_()
+    fn = lambda x: supcon_loss(x, y, 0.5, start, count, impl="fused")[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (z,), eps=1e-6, atol=1e-6)
+
+
+@needs_fused_cpu
+def test_opcheck_both_ops():
+    ops.fused.ensure_loaded()
+    z, y = make(37, 6, "3")
+    loss_rows, lse, num_pos = torch.ops.metric_ds.supcon_fwd(z, y, 0.1, 0, 37)
+    torch.library.opcheck(torch.ops.metric_ds.supcon_fwd.default, (z.requires_grad_(), y, 0.1, 0, 37))
+    torch.library.opcheck(torch.ops.metric_ds.supcon_fwd.default, (z.detach(), y, 0.1, 5, 20))
+    g = torch.randn(37)
+    torch.library.opcheck(torch.ops.metric_ds.supcon_bwd.default, (g, z.detach(), y, lse, num_pos, 0.1, 0, 37))
+
+
+@needs_fused_cpu
+def test_torch_compile_fullgraph():
+    z, y = make(64, 8, "4")
+    supcon_loss(z, y, 0.1, impl="fused")  # the availability check runs once, eagerly
+    compiled = torch.compile(lambda a, b: supcon_loss(a, b, 0.1, impl="fused")[0], fullgraph=True, backend="eager")
+    assert float(compiled(z, y)) == pytest.approx(float(supcon_loss_reference(z, y, 0.1)[0]), rel=1e-5)
+
+
+def test_invalid_impl_lists_choices():
+    z, y = make(4, 2, "2")
+    with pytest.raises(ValueError, match="auto, fused, reference"):
+        supcon_loss(z, y, 0.1, impl="fast")
+
+
+def test_fused_unavailable_raises_and_auto_warns_once(monkeypatch):
+    from metric_ds.ops import fused
+
+    monkeypatch.setattr(fused, "available", lambda device: (False, "not built in this test"))
+    monkeypatch.setattr(ops, "_warned", set())
+    z, y = make(20, 4, "3")
+    with pytest.raises(EnvironmentProblem, match="not built in this test.*supcon_impl: reference"):
+        supcon_loss(z, y, 0.1, impl="fused")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        a = supcon_loss(z, y, 0.1, impl="auto")[0]
+        supcon_loss(z, y, 0.1, impl="auto")
+    assert len([w for w in caught if "fused SupCon op unavailable" in str(w.message)]) == 1
+    assert float(a) == pytest.approx(float(supcon_loss_reference(z, y, 0.1)[0]))
+
+
+def test_module_wrapper():
+    z, y = make(30, 4, "3")
+    assert float(SupConLoss(0.2, impl="reference")(z, y)[0]) == pytest.approx(
+        float(supcon_loss_reference(z, y, 0.2)[0]))
+
+
+def test_meta_tensors_have_no_fused_kernel():
+    z = torch.empty(8, 4, device="meta")
+    with pytest.raises(EnvironmentProblem, match="meta"):
+        supcon_loss(z, torch.zeros(8, dtype=torch.long, device="meta"), 0.1, impl="fused")
