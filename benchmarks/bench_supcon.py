@@ -1,0 +1,194 @@
+"""SupCon benchmark: reference vs reference under torch.compile vs fused vs gemm_bound.
+
+    .venv/bin/python benchmarks/bench_supcon.py                    # this machine's default grid
+    .venv/bin/python benchmarks/bench_supcon.py --B 1024 4096 --d 384 --providers fused reference
+
+Modes: forward (loss, graph kept), backward (``loss.backward()`` alone), full (both). ``gemm_bound`` is the time of
+the least a memory-linear forward and backward can do: one B x B x d matmul for the similarities and one for the
+gradient product (two for full). Memory is the peak growth over the case's setup: peak RSS of a fresh process on
+CPU, ``max_memory_allocated`` on CUDA. Results: ``benchmarks/results/supcon.csv`` (long format) and a table in
+``benchmarks/README.md``. A case the reference cannot hold in memory is recorded as OOM (estimated: the reference
+keeps about four B x B fp32 matrices), not run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import harness  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+PROVIDERS = ["reference", "reference_compiled", "fused", "gemm_bound"]
+MODES = ["full", "forward", "backward"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _inputs(b: int, d: int, dtype: torch.dtype, device: str):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(b, d, generator=g), dim=1).to(device=device, dtype=dtype)
+    y = torch.randint(0, max(b // 16, 2), (b,), generator=g).to(device)
+    return z, y
+
+
+def _loss_fn(provider: str):
+    from metric_ds.ops import supcon_loss, supcon_loss_reference
+
+    if provider == "reference":
+        return lambda z, y: supcon_loss_reference(z, y, 0.1)[0]
+    if provider == "reference_compiled":
+        compiled = torch.compile(lambda z, y: supcon_loss_reference(z, y, 0.1)[0])
+        return compiled
+    if provider == "fused":
+        return lambda z, y: supcon_loss(z, y, 0.1, impl="fused")[0]
+    raise ValueError(provider)
+
+
+def run_case(case: dict) -> None:
+    """Worker: one (provider, B, d, dtype) in this fresh process; prints RESULT rows."""
+    b, d, device, reps = case["B"], case["d"], case["device"], case["reps"]
+    dtype = DTYPES[case["dtype"]]
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    base = {**harness.common_fields(device), "op": "supcon", "provider": case["provider"], "B": b, "d": d,
+            "dtype": case["dtype"], "status": "ok"}
+    z0, y = _inputs(b, d, dtype, device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        mem_before = torch.cuda.memory_allocated()
+    else:
+        mem_before = harness.rss_bytes()
+
+    if case["provider"] == "gemm_bound":
+        zt = z0.t().contiguous()
+        s = z0 @ zt
+        steps = {"forward": lambda: z0 @ zt, "backward": lambda: s @ z0, "full": lambda: (z0 @ zt, s @ z0)}
+        full = steps["full"]
+        full()
+    else:
+        fn = _loss_fn(case["provider"])
+
+        def full():
+            z = z0.detach().requires_grad_()
+            fn(z, y).backward()
+
+        def forward():
+            z = z0.detach().requires_grad_()
+            return fn(z, y)
+
+        full()  # warm-up, and the memory peak of one forward + backward
+        steps = {"full": full, "forward": forward}
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() - mem_before
+    else:
+        peak = harness.peak_rss_bytes() - mem_before
+    harness.emit({**base, "mode": "full", "metric": "peak_mem_growth", "unit": "MiB",
+                  "p20": peak / 2**20, "p50": peak / 2**20, "p80": peak / 2**20})
+    for mode in case["modes"]:
+        if mode == "backward" and case["provider"] != "gemm_bound":
+            times = []
+            for _ in range(reps):
+                loss = steps["forward"]()
+                if sync:
+                    sync()
+                import time
+
+                start = time.perf_counter()
+                loss.backward()
+                if sync:
+                    sync()
+                times.append(time.perf_counter() - start)
+        else:
+            times = harness.time_it(steps[mode], reps, warmup=0 if mode == "full" else 1, sync=sync)
+        p20, p50, p80 = harness.quantiles(times)
+        harness.emit({**base, "mode": mode, "metric": "time", "unit": "s", "p20": p20, "p50": p50, "p80": p80,
+                      "note": f"{len(times)} reps"})
+
+
+def reference_fits(b: int, device: str) -> bool:
+    need = 4 * b * b * 4  # ~four fp32 B x B matrices live at the peak
+    if device == "cuda":
+        return need < torch.cuda.get_device_properties(0).total_memory * 0.9
+    with open("/proc/meminfo") as fh:
+        avail = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable"))
+    return need < avail * 0.8
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--B", type=int, nargs="+", default=None)
+    p.add_argument("--d", type=int, nargs="+", default=[384])
+    p.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
+    p.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
+    p.add_argument("--dtype", default=None, choices=list(DTYPES))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--compile-max-B", type=int, default=4096, help="largest B tried under torch.compile")
+    p.add_argument("--out", default=str(HERE / "results" / "supcon.csv"))
+    p.add_argument("--timeout", type=float, default=900)
+    args = p.parse_args()
+    if args.worker:
+        run_case(json.loads(args.worker))
+        return
+    device = args.device
+    dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
+    sizes = args.B or ([1024, 4096, 16384, 65536] if device == "cuda" else [1024, 4096, 8192, 16384, 65536])
+    rows: list[dict] = []
+    for d in args.d:
+        for b in sizes:
+            for provider in args.providers:
+                reps = args.reps if b <= 8192 else (2 if b <= 16384 else 1)
+                case = {"provider": provider, "B": b, "d": d, "dtype": dtype, "device": device, "reps": reps,
+                        "modes": args.modes if b <= 16384 else ["full"]}
+                meta = {**harness.common_fields(device), "op": "supcon", "provider": provider, "B": b, "d": d,
+                        "dtype": dtype, "mode": "full", "metric": "", "unit": ""}
+                if provider.startswith("reference") and not reference_fits(b, device):
+                    rows.append({**meta, "status": "OOM", "note": "estimated: 4 B^2 fp32 exceed memory"})
+                    print(f"{provider:>18} B={b:>6} d={d}: OOM (estimated)", flush=True)
+                    continue
+                if provider == "reference_compiled" and b > args.compile_max_B:
+                    rows.append({**meta, "status": "skipped", "note": f"B > --compile-max-B {args.compile_max_B}"})
+                    continue
+                if provider in ("reference",) and device == "cpu" and b > 16384:
+                    rows.append({**meta, "status": "skipped", "note": "too slow on this CPU"})
+                    continue
+                got = harness.run_in_subprocess(Path(__file__), case, args.timeout)
+                for r in got:
+                    r.setdefault("mode", "full")
+                    r.setdefault("metric", "")
+                    r.setdefault("unit", "")
+                    r = {**meta, **r}
+                    rows.append(r)
+                    if r.get("status", "ok") == "ok":
+                        print(f"{provider:>18} B={b:>6} d={d} {r['mode']:>8} {r['metric']:>15}: "
+                              f"{float(r['p50']):.4g} {r['unit']}", flush=True)
+                    else:
+                        print(f"{provider:>18} B={b:>6} d={d}: {r['status']} {r.get('note', '')}", flush=True)
+    out = Path(args.out)
+    previous = []
+    if out.exists():  # keep other devices' rows (e.g. a GPU run) beside this one
+        import csv
+
+        with out.open() as fh:
+            previous = [r for r in csv.DictReader(fh) if r["device"] != harness.device_name(device)]
+    harness.write_csv(previous + rows, out)
+    all_rows = previous + rows
+    text = "\n\n".join([
+        f"Device(s): {', '.join(sorted({r['device'] for r in all_rows}))}; torch {torch.__version__}; "
+        f"threads {torch.get_num_threads()}.",
+        harness.markdown_table(all_rows, "time", "s"),
+        harness.markdown_table(all_rows, "peak_mem_growth", "MiB"),
+    ])
+    harness.replace_between_markers(HERE / "README.md", "supcon", text)
+    print(f"wrote {out} and benchmarks/README.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""One benchmark harness: each case runs in a fresh subprocess (so peak-memory growth is its own), results go
+to a long-format CSV, and a Markdown table is generated from it.
+
+A benchmark script only describes its cases and a ``run_case(args) -> list[dict]`` worker; this module does the
+timing, memory, subprocess isolation, CSV and Markdown.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FIELDS = ["op", "provider", "mode", "metric", "unit", "B", "d", "dtype", "p20", "p50", "p80", "status", "device",
+          "torch", "threads", "timestamp", "version", "note"]
+
+
+def quantiles(values: list[float]) -> tuple[float, float, float]:
+    v = sorted(values)
+    pick = lambda q: v[min(len(v) - 1, int(round(q * (len(v) - 1))))]  # noqa: E731
+    return pick(0.2), pick(0.5), pick(0.8)
+
+
+def time_it(fn: Callable[[], Any], reps: int, warmup: int = 1, sync: Callable[[], None] | None = None
+            ) -> list[float]:
+    """Wall times of ``fn`` (after ``warmup`` calls); ``sync`` waits for the device (CUDA)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if sync:
+            sync()
+        start = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    return platform.processor() or platform.machine()
+
+
+def run_in_subprocess(script: Path, case: dict[str, Any], timeout: float) -> list[dict[str, Any]]:
+    """Run ``script --worker JSON`` and parse its JSON lines; a crash or timeout becomes a status row."""
+    cmd = [sys.executable, str(script), "--worker", json.dumps(case)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return [{**case, "status": "timeout", "note": f"> {timeout:.0f}s"}]
+    rows = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 and not rows:
+        tail = (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
+        status = "OOM" if ("out of memory" in proc.stderr.lower() or proc.returncode in (-9, 137)) else "error"
+        return [{**case, "status": status, "note": tail}]
+    return rows
+
+
+def emit(row: dict[str, Any]) -> None:
+    """Worker side: print one result row for the parent."""
+    print("RESULT " + json.dumps(row), flush=True)
+
+
+def common_fields(device: str) -> dict[str, Any]:
+    from metric_ds import __version__
+
+    return {"device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "version": __version__}
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in FIELDS})
+
+
+def markdown_table(rows: list[dict[str, Any]], metric: str, unit: str) -> str:
+    """Pivot: one line per (mode, B, d, dtype), one column per provider, cells = p50 (or the status)."""
+    providers = sorted({r["provider"] for r in rows})
+    keys = sorted({(r["mode"], int(r["B"]), int(r["d"]), r["dtype"]) for r in rows if r["metric"] in (metric, "")},
+                  key=lambda k: (k[0], k[1], k[2], k[3]))
+    lines = [f"| mode | B | d | dtype | {' | '.join(providers)} |",
+             "| --- | ---: | ---: | --- |" + " ---: |" * len(providers)]
+    for mode, b, d, dtype in keys:
+        cells = []
+        for p in providers:
+            match = [r for r in rows if r["provider"] == p and r["mode"] == mode and int(r["B"]) == b
+                     and int(r["d"]) == d and r["dtype"] == dtype and r["metric"] in (metric, "")]
+            if not match:
+                cells.append("")
+            elif match[0].get("status", "ok") != "ok":
+                cells.append(str(match[0]["status"]))
+            else:
+                cells.append(f"{float(match[0]['p50']):.4g}")
+        lines.append(f"| {mode} | {b} | {d} | {dtype} | {' | '.join(cells)} |")
+    return f"{metric} ({unit}, p50):\n\n" + "\n".join(lines)
+
+
+def replace_between_markers(path: Path, name: str, text: str) -> None:
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    content = path.read_text() if path.exists() else ""
+    block = f"{begin}\n{text}\n{end}"
+    if begin in content and end in content:
+        content = content[: content.index(begin)] + block + content[content.index(end) + len(end):]
+    else:
+        content = content.rstrip() + "\n\n" + block + "\n"
+    path.write_text(content)
