@@ -1,198 +1,295 @@
-"""Validation metrics, in torch (on the bank's device): classification and retrieval.
+"""Validation metrics, in torch on the tensors' device: classification, retrieval and embedding geometry.
 
-* :func:`macro_f1` equals ``sklearn.metrics.f1_score(y, p, average="macro")``: the mean F1 over the labels present
-  in ``y`` or ``p``; a label with no true and no predicted rows does not count.
-* Retrieval searches a database (the bank) for each query's nearest items in query chunks x database chunks with
-  a running top-k merge, so all-queries x all-database is never materialised. ``cos``: similarity of the
-  normalised SupCon embeddings ``z``; ``l2``: Euclidean distance of the raw pooled ``h`` (score = -distance).
-  Ties in score go to the smaller database index.
-* ``recall@K``: share of queries with at least one same-label item among their K nearest.
-* ``knn_acc`` / ``knn_f1``: majority vote of the ``knn_k`` nearest; vote ties go to the larger summed score,
-  then to the smaller class id.
+Classification (rows with ``classifier_mask = 1``):
+
+* :func:`accuracy`; :func:`per_class_f1`; :func:`macro_f1`, equal to ``sklearn.metrics.f1_score(y, p,
+  average="macro")``: the mean, over the labels present in ``y`` or ``p``, of
+  ``F1 = 2 TP / (2 TP + FP + FN)``. A label present only in ``p`` (or only in ``y``) has F1 = 0 and counts;
+  a label in neither does not count.
+* :func:`confusion_pairs`: the most frequent (true, predicted) mistakes.
+
+Retrieval (validation rows with ``metric_mask = 1`` are the queries, a database such as the embedding bank):
+
+* :func:`knn_search` scans query chunks x database chunks with a running top-k merge, so all queries x all
+  database is never held at once. ``cos``: score = ``z_q . z_b`` (the SupCon embeddings, already
+  L2-normalised); ``l2``: score = ``-||h_q - h_b||`` on the raw pooled embeddings. Equal scores go to the
+  smaller database index.
+* ``recall@K``: share of queries with at least one same-label item among their K nearest (all items when the
+  database holds fewer than K).
+* ``knn_acc`` / ``knn_f1``: accuracy and macro-F1 of a majority vote of the ``knn_k`` nearest items; a vote
+  tie goes to the class with the larger summed score, then to the smaller class id.
+
+Geometry (Wang & Isola 2020, "Understanding contrastive representation learning through alignment and
+uniformity on the hypersphere"): :func:`alignment` and :func:`uniformity`.
+
+Scores and sums accumulate in fp32 or fp64; bf16 inputs are upcast first.
 """
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+# ------------------------------------------------------------------------------------------ classification
+
 
 def accuracy(y: torch.Tensor, p: torch.Tensor) -> float:
-    return float((y == p).float().mean()) if y.numel() else 0.0
+    """Share of rows with ``p == y`` (0.0 for no rows)."""
+    return float((y == p).double().mean()) if y.numel() else 0.0
 
 
 def per_class_f1(y: torch.Tensor, p: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
-    """F1 of each class id ``0..C-1`` (0 where a class has no true and no predicted rows)."""
-    c = int(num_classes if num_classes is not None else max(int(y.max()), int(p.max())) + 1)
-    y, p = y.long().cpu(), p.long().cpu()
+    """F1 of each class id ``0 .. num_classes - 1``: ``2 TP / (2 TP + FP + FN)``, 0 where that is 0 / 0.
+
+    Args:
+        y: (n,) true class ids; p: (n,) predicted class ids.
+        num_classes: length of the result; defaults to the largest id in ``y`` or ``p`` plus one.
+
+    Returns:
+        (num_classes,) float64 on the device of ``y``.
+    """
+    y, p = y.long().reshape(-1), p.long().to(y.device).reshape(-1)
+    top = int(max(int(y.max()), int(p.max()))) + 1 if y.numel() else 0
+    c = top if num_classes is None else int(num_classes)
+    if top > c:
+        raise ValueError(f"per_class_f1: class id {top - 1} does not fit num_classes={c}")
     tp = torch.bincount(y[y == p], minlength=c).double()
-    true = torch.bincount(y, minlength=c).double()
-    pred = torch.bincount(p, minlength=c).double()
-    denom = true + pred
+    denom = (torch.bincount(y, minlength=c) + torch.bincount(p, minlength=c)).double()
     return torch.where(denom > 0, 2 * tp / denom.clamp_min(1), torch.zeros_like(denom))
 
 
 def macro_f1(y: torch.Tensor, p: torch.Tensor) -> float:
-    """Macro-F1 over the labels present in ``y`` or ``p`` (as sklearn)."""
+    """Macro-F1 over the labels present in ``y`` or ``p``, as ``sklearn.metrics.f1_score(average="macro")``.
+
+    Returns 0.0 for no rows.
+    """
     if y.numel() == 0:
         return 0.0
+    y, p = y.long().reshape(-1), p.long().to(y.device).reshape(-1)
     c = int(max(int(y.max()), int(p.max()))) + 1
-    f1 = per_class_f1(y, p, c)
-    present = (torch.bincount(y.long().cpu(), minlength=c) + torch.bincount(p.long().cpu(), minlength=c)) > 0
-    return float(f1[present].mean())
+    present = (torch.bincount(y, minlength=c) + torch.bincount(p, minlength=c)) > 0
+    return float(per_class_f1(y, p, c)[present].mean())
 
 
 def confusion_pairs(y: torch.Tensor, p: torch.Tensor, top: int = 20) -> list[tuple[int, int, int]]:
-    """The ``top`` most frequent (true, predicted) pairs with true != predicted, by count then ids."""
+    """The ``top`` most frequent mistakes as ``(true, predicted, count)``.
+
+    Ordered by count (descending), then true id, then predicted id (ascending).
+    """
+    y, p = y.long().reshape(-1), p.long().to(y.device).reshape(-1)
     wrong = y != p
-    if not wrong.any():
+    if not bool(wrong.any()):
         return []
-    pairs = torch.stack([y[wrong], p[wrong]], 1).cpu()
-    uniq, counts = torch.unique(pairs, dim=0, return_counts=True)
-    order = sorted(range(len(counts)), key=lambda i: (-int(counts[i]), int(uniq[i, 0]), int(uniq[i, 1])))
-    return [(int(uniq[i, 0]), int(uniq[i, 1]), int(counts[i])) for i in order[:top]]
+    c = int(max(int(y.max()), int(p.max()))) + 1
+    # codes come back ascending, i.e. ordered by (true, predicted)
+    codes, counts = torch.unique(y[wrong] * c + p[wrong], return_counts=True)
+    order = torch.argsort(-counts, stable=True)[:top]
+    codes, counts = codes[order].tolist(), counts[order].tolist()
+    return [(code // c, code % c, n) for code, n in zip(codes, counts, strict=True)]
+
+
+# ------------------------------------------------------------------------------------------------ search
 
 
 def knn_search(queries: torch.Tensor, database: torch.Tensor, k: int, distance: str = "cos",
                query_chunk: int = 1024, db_chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k database items per query.
+    """The ``k`` best database items of each query, in chunks (query_chunk x db_chunk scores at a time).
+
+    Each database chunk's scores are appended to the running best and stably sorted by score; since the
+    database is scanned in index order, equal scores keep the smaller index first.
 
     Args:
+        queries: the query embeddings.
+        database: the database embeddings (moved to the queries' device).
+        k: neighbours wanted; capped at the database size.
+        distance: ``"cos"`` (score = dot product; pass L2-normalised vectors) or ``"l2"`` (score = minus the
+            Euclidean distance).
+        query_chunk: queries per chunk.
+        db_chunk: database rows per chunk.
+
+    Shape:
         queries: (Q, D); database: (N, D).
-        k: neighbours (capped at N).
-        distance: ``cos`` (dot product of normalised vectors) or ``l2`` (score = -Euclidean distance).
 
     Returns:
-        ``(scores, indices)``, each (Q, min(k, N)), best first; equal scores ordered by smaller index.
+        ``(scores, indices)``, each (Q, min(k, N)), best first; scores fp32 (for ``l2``, minus the distance).
     """
     if distance not in ("cos", "l2"):
         raise ValueError(f"distance must be 'cos' or 'l2', got {distance!r}")
-    q_all, db = queries.float(), database.float().to(queries.device)
+    if k < 1 or query_chunk < 1 or db_chunk < 1:
+        raise ValueError(f"knn_search needs k, query_chunk and db_chunk >= 1, got {k}, {query_chunk}, "
+                         f"{db_chunk}")
+    if queries.dim() != 2 or database.dim() != 2 or queries.shape[1] != database.shape[1]:
+        raise ValueError(f"knn_search needs queries (Q, D) and database (N, D), got {tuple(queries.shape)} "
+                         f"and {tuple(database.shape)}")
+    device = queries.device
+    db = database.to(device=device, dtype=torch.float32)
     n = db.shape[0]
     k = min(k, n)
-    out_s, out_i = [], []
     db_sq = db.pow(2).sum(1) if distance == "l2" else None
-    for qs in range(0, q_all.shape[0], query_chunk):
-        q = q_all[qs:qs + query_chunk]
-        best_s = torch.full((q.shape[0], 0), float("-inf"), device=q.device)
-        best_i = torch.zeros((q.shape[0], 0), dtype=torch.long, device=q.device)
+    out_s, out_i = [torch.zeros(0, k, device=device)], [torch.zeros(0, k, dtype=torch.long, device=device)]
+    for qs in range(0, queries.shape[0], query_chunk):
+        q = queries[qs:qs + query_chunk].float()
+        best_s = torch.zeros(q.shape[0], 0, device=device)
+        best_i = torch.zeros(q.shape[0], 0, dtype=torch.long, device=device)
         q_sq = q.pow(2).sum(1, keepdim=True) if distance == "l2" else None
         for ds in range(0, n, db_chunk):
             block = db[ds:ds + db_chunk]
             s = q @ block.T
             if distance == "l2":
-                s = -(q_sq + db_sq[ds:ds + db_chunk][None, :] - 2 * s).clamp_min(0).sqrt()
-            idx = torch.arange(ds, ds + block.shape[0], device=q.device).expand(q.shape[0], -1)
+                s = -(q_sq + db_sq[ds:ds + db_chunk] - 2 * s).clamp_min(0).sqrt()
+            idx = torch.arange(ds, ds + block.shape[0], device=device).expand(q.shape[0], -1)
             cand_s, cand_i = torch.cat([best_s, s], 1), torch.cat([best_i, idx], 1)
-            # stable order: by score desc, then index asc (sort by index first, then a stable sort by score)
-            by_idx = torch.argsort(cand_i, dim=1, stable=True)
-            cand_s, cand_i = cand_s.gather(1, by_idx), cand_i.gather(1, by_idx)
-            by_score = torch.argsort(-cand_s, dim=1, stable=True)[:, :k]
-            best_s, best_i = cand_s.gather(1, by_score), cand_i.gather(1, by_score)
+            keep = torch.argsort(cand_s, dim=1, descending=True, stable=True)[:, :k]
+            best_s, best_i = cand_s.gather(1, keep), cand_i.gather(1, keep)
         out_s.append(best_s)
         out_i.append(best_i)
-    if not out_s:
-        return torch.zeros((0, k)), torch.zeros((0, k), dtype=torch.long)
     return torch.cat(out_s), torch.cat(out_i)
 
 
-def recall_from_neighbours(query_labels: torch.Tensor, neighbour_labels: torch.Tensor, ks: list[int]) -> dict[str, float]:
-    """``recall@K`` for each K from a (Q, >=max K) matrix of neighbour labels, best first."""
+def recall_at(query_labels: torch.Tensor, neighbour_labels: torch.Tensor,
+              ks: Sequence[int]) -> dict[str, float]:
+    """``recall@K`` for each K: share of rows with a same-label item among the first K neighbours.
+
+    Shape:
+        query_labels: (Q,); neighbour_labels: (Q, k), best first (fewer than K columns: all of them count).
+    """
     hits = neighbour_labels == query_labels[:, None]
-    return {f"recall@{k}": float(hits[:, :k].any(1).float().mean()) for k in ks}
+    return {f"recall@{k}": float(hits[:, :k].any(1).double().mean()) for k in ks}
 
 
-def knn_vote(neighbour_labels: torch.Tensor, neighbour_scores: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Majority vote per row; ties to the larger summed score, then the smaller class id."""
-    q = neighbour_labels.shape[0]
-    votes = torch.zeros(q, num_classes, dtype=torch.float64, device=neighbour_labels.device)
-    votes.scatter_add_(1, neighbour_labels, torch.ones_like(neighbour_scores, dtype=torch.float64))
-    sums = torch.zeros_like(votes)
-    sums.scatter_add_(1, neighbour_labels, neighbour_scores.double())
-    best_votes = votes.max(1, keepdim=True).values
-    tied = votes == best_votes
-    sums = torch.where(tied, sums, torch.full_like(sums, float("-inf")))
-    best_sum = sums.max(1, keepdim=True).values
-    winners = tied & (sums == best_sum)
-    # smallest class id among the winners
-    ids = torch.arange(num_classes, device=votes.device).expand(q, -1)
-    return torch.where(winners, ids, torch.full_like(ids, num_classes)).min(1).values
+def knn_vote(neighbour_labels: torch.Tensor, neighbour_scores: torch.Tensor) -> torch.Tensor:
+    """Majority vote of each row's neighbours; ties to the larger summed score, then the smaller class id.
+
+    Votes and summed scores (fp64) are computed per neighbour by comparing the row's labels with each other
+    (a (Q, k, k) mask), which is deterministic and needs no (Q, num_classes) table.
+
+    Shape:
+        neighbour_labels, neighbour_scores: (Q, k) with k >= 1.
+
+    Returns:
+        (Q,) predicted class ids.
+    """
+    same = neighbour_labels[:, :, None] == neighbour_labels[:, None, :]
+    votes = same.sum(2)
+    sums = (same * neighbour_scores.double()[:, None, :]).sum(2)
+    cand = votes == votes.max(1, keepdim=True).values
+    sums = torch.where(cand, sums, torch.full_like(sums, float("-inf")))
+    cand &= sums == sums.max(1, keepdim=True).values
+    big = torch.full_like(neighbour_labels, torch.iinfo(neighbour_labels.dtype).max)
+    return torch.where(cand, neighbour_labels, big).min(1).values
 
 
 _warned_empty = False
 
 
 def retrieval_metrics(query_z: torch.Tensor, query_h: torch.Tensor, query_labels: torch.Tensor, bank: Any,
-                      recall_at_k: list[int] = (1, 5, 10), knn_k: int = 10, distance: str = "cos",
+                      recall_at_k: Sequence[int] = (1, 5, 10), knn_k: int = 10, distance: str = "cos",
                       query_chunk: int = 1024, bank_chunk: int = 8192) -> dict[str, float]:
-    """Recall@K and k-NN accuracy/macro-F1 of queries against a bank.
+    """Recall@K and k-NN accuracy / macro-F1 of the queries against a database, on the database's device.
 
     Args:
-        query_z, query_h: (Q, Dz) normalised SupCon embeddings and (Q, Dh) raw pooled embeddings.
-        query_labels: (Q,).
-        bank: an :class:`~metric_ds.bank.EmbeddingBank`, or a ``(z, h, labels)`` tuple of tensors.
+        query_z: normalised SupCon embeddings of the queries (used for ``distance="cos"``).
+        query_h: raw pooled embeddings of the queries (used for ``distance="l2"``).
+        query_labels: class ids of the queries.
+        bank: an :class:`~metric_ds.bank.EmbeddingBank`, or a plain ``(z, h, labels)`` tuple of tensors
+            (``metric-ds evaluate``).
+        recall_at_k: the K of each ``recall@K``.
+        knn_k: neighbours in the vote (fewer when the database is smaller).
+        distance: ``"cos"`` or ``"l2"``.
+        query_chunk: queries searched at once.
+        bank_chunk: database rows scored at once.
+
+    Shape:
+        query_z: (Q, Dz); query_h: (Q, Dh); query_labels: (Q,); the tuple: (N, Dz), (N, Dh), (N,).
 
     Returns:
-        ``recall@K`` for each K, ``knn_acc`` and ``knn_f1``; ``{}`` (with one warning) for an empty bank.
+        ``recall@K`` for each K, ``knn_acc`` and ``knn_f1``; ``{}`` for no queries, and ``{}`` with a warning
+        (once per process) for an empty database.
     """
     global _warned_empty
-    if isinstance(bank, tuple):
-        db_z, db_h, db_labels = bank
-    else:
-        db_z, db_h, db_labels, _ = bank.view()
+    ks = [int(k) for k in recall_at_k]
+    if not ks or min(ks) < 1 or knn_k < 1:
+        raise ValueError(f"retrieval_metrics needs positive recall_at_k and knn_k, got "
+                         f"{list(recall_at_k)} and {knn_k}")
+    if distance not in ("cos", "l2"):
+        raise ValueError(f"distance must be 'cos' or 'l2', got {distance!r}")
+    db_z, db_h, db_labels = bank if isinstance(bank, tuple) else bank.view()[:3]
     if db_labels.numel() == 0:
         if not _warned_empty:
             warnings.warn("the embedding bank is empty: retrieval metrics are skipped", stacklevel=2)
             _warned_empty = True
         return {}
-    q = query_z if distance == "cos" else query_h
+    if query_labels.numel() == 0:
+        return {}
     db = db_z if distance == "cos" else db_h
-    k = max(max(recall_at_k), knn_k)
-    scores, idx = knn_search(q.to(db.device), db, k, distance, query_chunk, bank_chunk)
-    labels = db_labels.to(idx.device)[idx]
-    y = query_labels.to(idx.device)
-    out = recall_from_neighbours(y, labels, list(recall_at_k))
+    q = (query_z if distance == "cos" else query_h).to(db.device)
+    scores, idx = knn_search(q, db, max(max(ks), knn_k), distance, query_chunk, bank_chunk)
+    labels = db_labels.to(db.device).long()[idx]
+    y = query_labels.to(db.device).long()
+    out = recall_at(y, labels, ks)
     kk = min(knn_k, labels.shape[1])
-    num_classes = int(max(int(db_labels.max()), int(y.max()))) + 1
-    pred = knn_vote(labels[:, :kk], scores[:, :kk], num_classes)
+    pred = torch.cat([knn_vote(labels[s:s + query_chunk, :kk], scores[s:s + query_chunk, :kk])
+                      for s in range(0, labels.shape[0], query_chunk)])
     out["knn_acc"] = accuracy(y, pred)
     out["knn_f1"] = macro_f1(y, pred)
     return out
 
 
+# ---------------------------------------------------------------------------------------------- geometry
+
+
 def alignment(z: torch.Tensor, labels: torch.Tensor) -> float:
-    """Wang & Isola (2020) alignment: mean ||z_i - z_j||^2 over same-label pairs i != j (alpha = 2).
+    """Wang & Isola (2020) alignment, alpha = 2: mean ``||z_i - z_j||^2`` over same-label pairs ``i != j``.
 
-    With unit vectors ||z_i - z_j||^2 = 2 - 2 z_i.z_j, so the sum over pairs comes from per-class sums in O(N d).
+    Pairs are pooled over labels (a label with ``m`` rows gives ``m (m - 1)`` ordered pairs). Computed in
+    O(n d) from per-label sums: ``sum_{i, j in c} ||z_i - z_j||^2 = 2 m sum_i ||z_i||^2 - 2 ||sum_i z_i||^2``.
+
+    Shape:
+        z: (n, d); labels: (n,).
+
+    Returns:
+        The mean (fp64 accumulation), or NaN when no label has two rows.
     """
-    total, pairs = 0.0, 0
-    for cls in torch.unique(labels):
-        zc = z[labels == cls].double()
-        n = zc.shape[0]
-        if n < 2:
-            continue
-        s = zc.sum(0)
-        dot_sum = float(s @ s - zc.pow(2).sum())  # sum over ordered pairs i != j of z_i.z_j
-        sq = zc.pow(2).sum(1)
-        total += float(2 * (n - 1) * sq.sum()) - 2 * dot_sum
-        pairs += n * (n - 1)
-    return total / pairs if pairs else float("nan")
+    if labels.numel() == 0:
+        return float("nan")
+    zd = z.double()
+    _, inv, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    m = counts.double()
+    sums = torch.zeros(m.shape[0], zd.shape[1], dtype=torch.float64, device=z.device).index_add_(0, inv, zd)
+    sq = torch.zeros_like(m).index_add_(0, inv, zd.pow(2).sum(1))
+    pairs = float((m * (m - 1)).sum())
+    if pairs == 0:
+        return float("nan")
+    total = (2 * m * sq).sum() - 2 * sums.pow(2).sum()
+    return float(total.clamp_min(0) / pairs)
 
 
-def uniformity(z: torch.Tensor, t: float = 2.0, chunk: int = 4096) -> float:
-    """Wang & Isola (2020) uniformity: log mean over pairs i != j of exp(-t ||z_i - z_j||^2), chunked."""
+def uniformity(z: torch.Tensor, t: float = 2.0, max_block: int = 1 << 22) -> float:
+    """Wang & Isola (2020) uniformity: ``log`` of the mean over pairs ``i != j`` of
+    ``exp(-t ||z_i - z_j||^2)``.
+
+    Row blocks of at most ``max_block`` pairwise entries are scored at a time (fp32 distances, fp64 sum).
+
+    Shape:
+        z: (n, d).
+
+    Returns:
+        The statistic, or NaN for fewer than two rows.
+    """
     n = z.shape[0]
     if n < 2:
         return float("nan")
     zf = z.float()
     sq = zf.pow(2).sum(1)
-    total = 0.0
-    for s in range(0, n, chunk):
-        block = zf[s:s + chunk]
-        d2 = (sq[s:s + chunk, None] + sq[None, :] - 2 * block @ zf.T).clamp_min(0)
-        e = torch.exp(-t * d2.double())
-        rows = torch.arange(s, s + block.shape[0], device=z.device)
-        e[torch.arange(block.shape[0], device=z.device), rows] = 0.0
-        total += float(e.sum())
-    return float(torch.log(torch.tensor(total / (n * (n - 1)))))
+    rows = max(1, max_block // n)
+    total = torch.zeros((), dtype=torch.float64, device=z.device)
+    for s in range(0, n, rows):
+        block = zf[s:s + rows]
+        d2 = (sq[s:s + rows, None] + sq[None, :] - 2 * block @ zf.T).clamp_min(0)
+        e = torch.exp(-t * d2).double()
+        b = block.shape[0]
+        e[torch.arange(b, device=z.device), torch.arange(s, s + b, device=z.device)] = 0.0  # drop i == j
+        total += e.sum()
+    return float(torch.log(total / (n * (n - 1))))
