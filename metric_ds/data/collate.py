@@ -7,13 +7,17 @@ import numpy as np
 import pandas as pd
 import torch
 
+_TOKEN_KEYS = ("input_ids", "token_type_ids")
+
 
 class TextDataset(torch.utils.data.Dataset):
-    """Pre-tokenised rows.
+    """Pre-tokenised rows (tokenising once is much faster than per batch, every epoch).
 
     Args:
-        encodings: per-row token lists (``input_ids`` and, if the tokenizer gives them, ``token_type_ids``).
-        labels: encoded classes; metric_mask, classifier_mask: 0/1; index: row ids.
+        encodings: per-row token lists: ``input_ids`` and, if the tokenizer gives them, ``token_type_ids``.
+        labels: encoded classes, shape (N,).
+        metric_mask, classifier_mask: 0/1 per row, shape (N,).
+        index: row ids, shape (N,), returned with each row so that outputs can be matched to rows.
     """
 
     def __init__(self, encodings: dict[str, list[list[int]]], labels: np.ndarray, metric_mask: np.ndarray,
@@ -23,13 +27,24 @@ class TextDataset(torch.utils.data.Dataset):
         self.metric_mask = np.asarray(metric_mask).astype(bool)
         self.classifier_mask = np.asarray(classifier_mask).astype(bool)
         self.index = np.asarray(index, dtype=np.int64)
+        n = len(self.labels)
+        lengths = {k: len(v) for k, v in encodings.items()}
+        lengths.update(metric_mask=len(self.metric_mask), classifier_mask=len(self.classifier_mask),
+                       index=len(self.index))
+        if any(v != n for v in lengths.values()):
+            raise ValueError(f"TextDataset: every field needs {n} rows (one per label), got {lengths}")
 
     @classmethod
     def from_frame(cls, df: pd.DataFrame, tokenizer: Any, max_seq_length: int) -> TextDataset:
-        """Tokenise a validated, encoded frame (columns text, label_id, metric_mask, classifier_mask)."""
+        """Tokenise a validated, encoded frame (columns text, label_id, metric_mask, classifier_mask).
+
+        Texts are truncated to ``max_seq_length`` tokens (special tokens included); row ids are 0..N-1.
+        """
+        if "label_id" not in df.columns:
+            raise ValueError("TextDataset.from_frame needs a label_id column (encode labels with LabelMap first)")
         enc = tokenizer(df["text"].tolist(), truncation=True, max_length=max_seq_length,
                         return_attention_mask=False)
-        keep = {k: v for k, v in enc.items() if k in ("input_ids", "token_type_ids")}
+        keep = {k: list(enc[k]) for k in _TOKEN_KEYS if k in enc}
         return cls(keep, df["label_id"].to_numpy(), df["metric_mask"].to_numpy(), df["classifier_mask"].to_numpy(),
                    np.arange(len(df)))
 
@@ -44,30 +59,46 @@ class TextDataset(torch.utils.data.Dataset):
 
 
 class Collator:
-    """Pads a list of rows to the longest in the batch.
+    """Pads a list of rows to the longest in the batch (not to ``max_seq_length``).
+
+    Rows are :class:`TextDataset` items; a row with ``text`` instead of ``input_ids`` is tokenised here, with
+    truncation to ``max_seq_length``.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (its ``pad_token_id`` pads).
+        max_seq_length: truncation length for rows given as text.
 
     Returns:
-        ``input_ids``, ``attention_mask`` (and ``token_type_ids``): (B, L) int64; ``labels``, ``index``: (B,)
-        int64; ``metric_mask``, ``classifier_mask``: (B,) bool.
+        (from ``__call__``) ``input_ids``, ``attention_mask`` (and ``token_type_ids`` if the rows have them):
+        (B, L) int64 with L the batch's longest row; ``labels``, ``index``: (B,) int64; ``metric_mask``,
+        ``classifier_mask``: (B,) bool.
     """
 
     def __init__(self, tokenizer: Any, max_seq_length: int):
-        self.pad_id = tokenizer.pad_token_id or 0
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.max_seq_length = max_seq_length
 
+    def _tokenise(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        enc = self.tokenizer([r["text"] for r in rows], truncation=True, max_length=self.max_seq_length,
+                             return_attention_mask=False)
+        return [{**r, **{k: enc[k][i] for k in _TOKEN_KEYS if k in enc}} for i, r in enumerate(rows)]
+
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        length = max((len(r["input_ids"]) for r in rows), default=1)
+        if rows and "input_ids" not in rows[0]:
+            rows = self._tokenise(rows)
         n = len(rows)
+        length = max((len(r["input_ids"]) for r in rows), default=1)
         ids = torch.full((n, length), self.pad_id, dtype=torch.int64)
         mask = torch.zeros((n, length), dtype=torch.int64)
         has_tt = bool(rows) and "token_type_ids" in rows[0]
         tt = torch.zeros((n, length), dtype=torch.int64) if has_tt else None
         for i, r in enumerate(rows):
             k = len(r["input_ids"])
-            ids[i, :k] = torch.as_tensor(r["input_ids"])
+            ids[i, :k] = torch.as_tensor(r["input_ids"], dtype=torch.int64)
             mask[i, :k] = 1
             if has_tt:
-                tt[i, :k] = torch.as_tensor(r["token_type_ids"])
+                tt[i, :k] = torch.as_tensor(r["token_type_ids"], dtype=torch.int64)
         out = {"input_ids": ids, "attention_mask": mask}
         if has_tt:
             out["token_type_ids"] = tt

@@ -1,73 +1,155 @@
-"""From a config to train and validation frames: read -> validate -> encode -> split -> balance -> cross-check."""
+"""From a config to train and validation frames: read -> validate -> encode -> split -> balance -> cross-check.
+
+Nothing is written to disk. Every problem found is gathered into one :class:`~metric_ds.errors.UserError`
+whose messages name the file or the full config key (``training.batch_size``).
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from metric_ds.config import Config
 from metric_ds.data.balance import balance_indices
 from metric_ds.data.io import load_frame
 from metric_ds.data.labels import LabelMap
+from metric_ds.data.notices import warn
 from metric_ds.data.split import stratified_split
 from metric_ds.data.validation import validate_frame
 from metric_ds.errors import UserError
 
+if TYPE_CHECKING:
+    from metric_ds.config import Config
+
 
 @dataclass
 class TrainingData:
-    """Validated splits; both frames carry ``label_id`` (0..C-1)."""
+    """Validated splits.
+
+    Attributes:
+        train, val: columns ``text``, ``label`` (original), ``label_id`` (0..C-1), ``metric_mask``,
+            ``classifier_mask``; index 0..n-1. ``train`` is balanced (``data.upsample``/``data.downsample``).
+        label_map: the labels of the training table.
+        warnings: what was logged on the way (rows dropped, classes kept out of validation, ...).
+    """
 
     train: pd.DataFrame
     val: pd.DataFrame
     label_map: LabelMap
+    warnings: list[str] = field(default_factory=list)
 
 
-def _source(obj: object) -> str:
-    return obj if isinstance(obj, str) else "DataFrame"
+def _load(obj: str | Path | pd.DataFrame, source: str, problems: list[str], warnings: list[str]
+          ) -> pd.DataFrame | None:
+    """Read and validate one table; its problems are added to ``problems`` (None is returned then)."""
+    try:
+        return validate_frame(load_frame(obj), source, warnings)
+    except UserError as exc:
+        problems.extend(exc.messages)
+        return None
+
+
+def _unseen_labels(val: pd.DataFrame, label_map: LabelMap, val_src: str, train_src: str) -> str | None:
+    unseen = sorted({v for v in val["label"].tolist() if v not in label_map}, key=str)
+    if not unseen:
+        return None
+    hint = ""
+    kinds = {type(v).__name__ for v in unseen} | {type(n).__name__ for n in label_map.names}
+    if len(kinds) > 1:
+        hint = f" (the training labels are {type(label_map.names[0]).__name__}s, these are not)"
+    return (f"{val_src}: validation labels not in the training data ({train_src}): "
+            f"{', '.join(map(str, unseen[:10]))}{' ...' if len(unseen) > 10 else ''}{hint}; the classifier "
+            "cannot predict them. Remove those rows or add training rows")
+
+
+def build_training_data(frame: str | Path | pd.DataFrame, *, val_frame: str | Path | pd.DataFrame | None = None,
+                        val_ratio: float = 0.1, seed: int = 0, upsample: int | None = None,
+                        downsample: int | None = None, batch_size: int = 1,
+                        classification_loss_weight: float = 1.0, metric_loss_weight: float = 1.0,
+                        pk: tuple[int, int] | None = None) -> TrainingData:
+    """Build the splits from explicit settings (see :func:`load_training_data` for the config form).
+
+    Args:
+        frame: the training table (path or DataFrame).
+        val_frame: an explicit validation table; otherwise a stratified ``val_ratio`` split of ``frame``.
+        val_ratio, seed: the split (and the balancing draw).
+        upsample, downsample: per-class row bounds for the train split.
+        batch_size: the micro-batch size; the train split must hold at least one batch.
+        classification_loss_weight, metric_loss_weight: a positive weight needs rows with that mask.
+        pk: ``(classes_per_batch, samples_per_class)`` for the pk sampler, or None.
+
+    Raises:
+        UserError: every problem at once, each with its file or config key.
+    """
+    problems: list[str] = []
+    warnings: list[str] = []
+    train_src = str(frame) if not isinstance(frame, pd.DataFrame) else "DataFrame"
+    df = _load(frame, train_src, problems, warnings)
+    val = None
+    if val_frame is not None:
+        val_src = str(val_frame) if not isinstance(val_frame, pd.DataFrame) else "validation DataFrame"
+        val = _load(val_frame, val_src, problems, warnings)
+    if df is None or (val_frame is not None and val is None):
+        raise UserError(problems)
+
+    label_map = LabelMap.from_labels(df["label"])
+    df["label_id"] = label_map.encode(df["label"])
+    if val is not None:
+        unseen = _unseen_labels(val, label_map, val_src, train_src)
+        if unseen:
+            problems.append(unseen)
+        else:
+            val["label_id"] = label_map.encode(val["label"])
+        train = df
+    else:
+        train_idx, val_idx = stratified_split(df["label_id"].to_numpy(), val_ratio, seed, warnings)
+        train, val = df.iloc[train_idx].reset_index(drop=True), df.iloc[val_idx].reset_index(drop=True)
+    keep = balance_indices(train["label_id"].to_numpy(), upsample, downsample, seed)
+    train = train.iloc[keep].reset_index(drop=True)
+
+    if classification_loss_weight > 0 and not (train["classifier_mask"] == 1).any():
+        problems.append(f"{train_src}: training.classification_loss_weight is {classification_loss_weight} but "
+                        "no training row has classifier_mask = 1; set some rows, or set the weight to 0")
+    if metric_loss_weight > 0 and not (train["metric_mask"] == 1).any():
+        problems.append(f"{train_src}: training.metric_loss_weight is {metric_loss_weight} but no training row "
+                        "has metric_mask = 1; set some rows, or set the weight to 0")
+    if len(train) < batch_size:
+        problems.append(f"{train_src}: the training split has {len(train)} rows, fewer than one batch "
+                        f"(training.batch_size = {batch_size}); lower the batch size or add data")
+    if len(val) == 0:
+        problems.append(f"{train_src}: the validation split is empty (every class is too small to split by "
+                        f"data.val_ratio = {val_ratio}); raise data.val_ratio or give data.val_parquet_path")
+    if pk is not None:
+        p, k = pk
+        if p * k > batch_size:
+            problems.append(f"data.classes_per_batch x data.samples_per_class = {p} x {k} = {p * k} exceeds "
+                            f"training.batch_size = {batch_size}; lower them or raise the batch size")
+        metric = train[train["metric_mask"] == 1]
+        counts = metric["label_id"].value_counts()
+        usable = int((counts >= 2).sum())
+        if metric_loss_weight > 0 and 0 < usable < p:
+            warn(f"{train_src}: only {usable} class(es) have >= 2 metric rows in the training split, fewer than "
+                 f"data.classes_per_batch = {p}; pk batches will repeat classes", warnings)
+    if problems:
+        raise UserError(problems)
+    return TrainingData(train=train, val=val, label_map=label_map, warnings=warnings)
 
 
 def load_training_data(cfg: Config, frame: pd.DataFrame | None = None, val_frame: pd.DataFrame | None = None
                        ) -> TrainingData:
-    """Build the splits for ``cfg`` (or for DataFrames given through the Python API). Writes nothing.
+    """Build the splits for ``cfg`` (a :class:`metric_ds.config.Config`), or for DataFrames given through the
+    Python API in place of ``data.parquet_path``/``data.val_parquet_path``. Writes nothing.
 
     Raises:
         UserError: every problem of the data against the config, each with its file or key.
     """
     d, t = cfg.data, cfg.training
-    train_src = d.parquet_path if frame is None else "DataFrame"
-    df = validate_frame(load_frame(d.parquet_path if frame is None else frame), train_src)
-    label_map = LabelMap.from_labels(df["label"])
-    df["label_id"] = label_map.encode(df["label"])
-    problems: list[str] = []
-    if d.val_parquet_path is not None or val_frame is not None:
-        val_src = d.val_parquet_path if val_frame is None else "DataFrame"
-        val = validate_frame(load_frame(d.val_parquet_path if val_frame is None else val_frame), val_src)
-        unseen = sorted({v for v in val["label"] if v not in label_map}, key=str)
-        if unseen:
-            raise UserError(f"{val_src}: validation labels not in the training data ({train_src}): "
-                            f"{', '.join(map(str, unseen[:10]))}{' ...' if len(unseen) > 10 else ''}; "
-                            "the classifier cannot predict them. Remove those rows or add training rows")
-        val["label_id"] = label_map.encode(val["label"])
-        train = df
-    else:
-        train_idx, val_idx = stratified_split(df["label_id"].to_numpy(), d.val_ratio, t.seed)
-        train, val = df.iloc[train_idx].reset_index(drop=True), df.iloc[val_idx].reset_index(drop=True)
-    keep = balance_indices(train["label_id"].to_numpy(), d.upsample, d.downsample, t.seed)
-    train = train.iloc[keep].reset_index(drop=True)
+    val_source = val_frame if val_frame is not None else d.val_parquet_path
+    return build_training_data(
+        frame if frame is not None else d.parquet_path, val_frame=val_source, val_ratio=d.val_ratio,
+        seed=t.seed, upsample=d.upsample, downsample=d.downsample, batch_size=t.batch_size,
+        classification_loss_weight=t.classification_loss_weight, metric_loss_weight=t.metric_loss_weight,
+        pk=(d.classes_per_batch, d.samples_per_class) if d.sampler == "pk" else None,
+    )
 
-    if t.classification_loss_weight > 0 and not (train["classifier_mask"] == 1).any():
-        problems.append(f"{train_src}: training.classification_loss_weight is {t.classification_loss_weight} but "
-                        "no training row has classifier_mask = 1; set some rows, or set the weight to 0")
-    if t.metric_loss_weight > 0 and not (train["metric_mask"] == 1).any():
-        problems.append(f"{train_src}: training.metric_loss_weight is {t.metric_loss_weight} but no training row "
-                        "has metric_mask = 1; set some rows, or set the weight to 0")
-    if len(train) < t.batch_size:
-        problems.append(f"{train_src}: the training split has {len(train)} rows, fewer than one batch "
-                        f"(training.batch_size = {t.batch_size}); lower the batch size or add data")
-    if len(val) == 0:
-        problems.append(f"{train_src}: the validation split is empty; raise data.val_ratio or give "
-                        "data.val_parquet_path")
-    if problems:
-        raise UserError(problems)
-    return TrainingData(train=train, val=val, label_map=label_map)

@@ -1,28 +1,37 @@
 """Stratified train/validation split."""
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 
-log = logging.getLogger("metric_ds")
+from metric_ds.data.notices import warn
 
 
-def stratified_split(labels: np.ndarray, val_ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(labels: np.ndarray, val_ratio: float, seed: int, warnings_out: list[str] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """Split row positions per class: ``round(n_c * val_ratio)`` rows of class c go to validation.
 
-    A class whose validation share rounds to 0, or that would leave nothing in train, stays entirely in train
-    (with one warning giving the number of such classes).
+    Rounding is Python's (halves to even: 2.5 -> 2), and at least one row of a class stays in train. A class
+    whose validation share rounds to 0 (including every class of one row) stays entirely in train, with one
+    warning giving the number of such classes. Deterministic given ``seed``.
+
+    Args:
+        labels: class of each row, shape (N,).
+        val_ratio: share of each class for validation, in (0, 1).
+        seed: the random seed.
+        warnings_out: if given, the warning is also appended to it.
 
     Returns:
-        ``(train_idx, val_idx)``, each sorted.
+        ``(train_idx, val_idx)``: disjoint, sorted positions covering 0..N-1.
     """
+    if not 0 < val_ratio < 1:
+        raise ValueError(f"val_ratio must be in (0, 1), got {val_ratio}")
+    labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
-    train, val, kept = [], [], 0
+    train, val, kept = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)], 0
     for cls in np.unique(labels):
         idx = np.flatnonzero(labels == cls)
-        n_val = int(round(len(idx) * val_ratio))
-        if n_val == 0 or n_val >= len(idx):
+        n_val = min(round(len(idx) * val_ratio), len(idx) - 1)
+        if n_val <= 0:
             kept += 1
             train.append(idx)
             continue
@@ -30,6 +39,6 @@ def stratified_split(labels: np.ndarray, val_ratio: float, seed: int) -> tuple[n
         val.append(idx[:n_val])
         train.append(idx[n_val:])
     if kept:
-        log.warning("%d class(es) too small to split by val_ratio=%s stay entirely in train", kept, val_ratio)
-    cat = lambda parts: np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
-    return cat(train), cat(val)
+        warn(f"{kept} class(es) too small to split by val_ratio={val_ratio} stay entirely in train "
+             "(they are not validated)", warnings_out)
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))

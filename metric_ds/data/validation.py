@@ -1,100 +1,163 @@
-"""Checking a table against metric_ds's format; every problem is gathered into one error."""
-from __future__ import annotations
+"""Checking a table against metric_ds's format; every problem is gathered into one error.
 
-import logging
+The format: ``text`` (non-empty strings), ``label`` (strings or integers, one type for the whole table),
+``metric_mask`` and ``classifier_mask`` (0/1; ``True``/``False`` and the strings ``"0"``, ``"1"``, ``"true"``,
+``"false"`` are accepted). Other columns are ignored. Rows are numbered from 1 as in a spreadsheet (header not
+counted).
+"""
+from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
+from metric_ds.data.notices import warn
 from metric_ds.errors import UserError, format_rows
-
-log = logging.getLogger("metric_ds")
 
 REQUIRED = ("text", "label", "metric_mask", "classifier_mask")
 MASKS = ("metric_mask", "classifier_mask")
+_MASK_STRINGS = {"0": 0, "1": 1, "true": 1, "false": 0}
+
+
+def _native(v: object) -> object:
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _is_null(v: object) -> bool:
+    return v is None or v is pd.NA or v is pd.NaT or (isinstance(v, (float, np.floating)) and np.isnan(v))
+
+
+def _check_text(values: list, source: str) -> list[str]:
+    blank, not_str = [], {}
+    for i, v in enumerate(values):
+        if isinstance(v, str):
+            if not v.strip():
+                blank.append(i)
+        elif _is_null(v):
+            blank.append(i)
+        else:
+            not_str.setdefault(type(v).__name__, []).append(i)
+    problems = []
+    if blank:
+        problems.append(f"{source}: column text: null, empty or whitespace-only text in {format_rows(blank)}; "
+                        "remove those rows or fill in the text")
+    for kind, rows in not_str.items():
+        problems.append(f"{source}: column text: values that are not text ({kind}) in {format_rows(rows)}; "
+                        "every text must be a string")
+    return problems
+
+
+def _label_kind(v: object) -> str:
+    if isinstance(v, str):
+        return "str"
+    if isinstance(v, (bool, np.bool_)):
+        return "bool"
+    if isinstance(v, (int, np.integer)) or (isinstance(v, (float, np.floating)) and float(v).is_integer()):
+        return "int"
+    return type(v).__name__
+
+
+def _check_labels(values: list, source: str) -> tuple[list[str], list]:
+    """Problems, and the labels normalised (integer-valued floats become ints, numpy scalars Python's)."""
+    nulls, kinds = [], {}
+    for i, v in enumerate(values):
+        if _is_null(v):
+            nulls.append(i)
+        else:
+            kinds.setdefault(_label_kind(v), []).append(i)
+    problems = []
+    if nulls:
+        problems.append(f"{source}: column label: null labels in {format_rows(nulls)}; every row needs a label")
+    if len(kinds) > 1:
+        parts = "; ".join(f"{k} in {format_rows(rows)}" for k, rows in kinds.items())
+        problems.append(f"{source}: column label: labels of mixed types ({parts}); use one type for all labels")
+    elif kinds and next(iter(kinds)) not in ("str", "int"):
+        kind, rows = next(iter(kinds.items()))
+        problems.append(f"{source}: column label: labels must be strings or integers, found {kind} in "
+                        f"{format_rows(rows)}; convert them to integers or to strings")
+    if problems:
+        return problems, []
+    if "int" in kinds:
+        return [], [int(v) for v in values]
+    return [], [str(v) for v in values]
 
 
 def _mask_values(series: pd.Series) -> tuple[np.ndarray, list[int], list[int]]:
     """0/1 values of a mask column, with the positions of nulls and of values outside {0, 1, True, False}."""
-    nulls = np.flatnonzero(series.isna().to_numpy())
+    arr = series.to_numpy()
+    if series.dtype == bool or (pd.api.types.is_integer_dtype(series.dtype) and not series.hasnans):
+        arr = arr.astype(np.int64)
+        bad = np.flatnonzero((arr != 0) & (arr != 1)).tolist()
+        return np.where(arr == 1, 1, 0).astype(np.int8), [], bad
     out = np.zeros(len(series), dtype=np.int8)
-    bad = []
-    null_set = set(nulls.tolist())
-    for i, v in enumerate(series.tolist()):
-        if i in null_set:
-            continue
-        if isinstance(v, (bool, np.bool_)):
+    nulls, bad = [], []
+    for i, v in enumerate(arr.tolist()):
+        if _is_null(v):
+            nulls.append(i)
+        elif isinstance(v, (bool, np.bool_, int, np.integer, float, np.floating)) and float(v) in (0.0, 1.0):
             out[i] = int(v)
-        elif isinstance(v, (int, np.integer, float, np.floating)) and float(v) in (0.0, 1.0):
-            out[i] = int(v)
+        elif isinstance(v, str) and v.strip().lower() in _MASK_STRINGS:
+            out[i] = _MASK_STRINGS[v.strip().lower()]
         else:
             bad.append(i)
-    return out, nulls.tolist(), bad
+    return out, nulls, bad
 
 
-def validate_frame(df: pd.DataFrame, source: str) -> pd.DataFrame:
+def validate_frame(df: pd.DataFrame, source: str, warnings_out: list[str] | None = None) -> pd.DataFrame:
     """Check and normalise a table.
 
     Args:
         df: the raw table.
         source: the file name (or "DataFrame") for messages.
+        warnings_out: if given, warnings (rows dropped) are appended to it as well as logged on the
+            ``metric_ds`` logger.
 
     Returns:
-        A new frame with ``text`` (str), ``label`` (as given), ``metric_mask`` and ``classifier_mask``
-        (int8 0/1), without the rows whose masks are both 0 (dropped with a warning).
+        A new frame with ``text`` (str), ``label`` (the labels as given: all int or all str),
+        ``metric_mask`` and ``classifier_mask`` (int8 0/1), without the rows whose masks are both 0 (dropped
+        with a warning that gives their count). The index is 0..n-1.
 
     Raises:
-        UserError: listing every problem, with the column and the first rows (numbered from 1, header not
-            counted).
+        UserError: listing every problem, each with the file, the column and the first rows.
     """
+    if len(df) == 0:
+        raise UserError(f"{source}: the table has no rows")
+    problems: list[str] = []
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
-        raise UserError(f"{source}: missing column(s) {', '.join(missing)}; the table has "
+        problems.append(f"{source}: missing column(s) {', '.join(missing)}; the table has "
                         f"{', '.join(map(str, df.columns))}. Convert it with `metric-ds prepare`")
-    problems: list[str] = []
-    text = df["text"]
-    bad_text = [i for i, v in enumerate(text.tolist()) if not isinstance(v, str) or not v.strip()]
-    if bad_text:
-        problems.append(f"{source}: column text: null, empty or whitespace-only text in {format_rows(bad_text)}; "
-                        "remove those rows or fill in the text")
-    labels = df["label"]
-    null_labels = np.flatnonzero(labels.isna().to_numpy()).tolist()
-    if null_labels:
-        problems.append(f"{source}: column label: null labels in {format_rows(null_labels)}; every row needs a label")
-    kinds: dict[str, list[int]] = {}
-    null_set = set(null_labels)
-    for i, v in enumerate(labels.tolist()):
-        if i in null_set:
-            continue
-        kind = "str" if isinstance(v, str) else "int" if isinstance(v, (int, np.integer)) or (
-            isinstance(v, (float, np.floating)) and float(v).is_integer()) else type(v).__name__
-        kinds.setdefault(kind, []).append(i)
-    if len(kinds) > 1:
-        parts = "; ".join(f"{k} in {format_rows(rows)}" for k, rows in kinds.items())
-        problems.append(f"{source}: column label: labels of mixed types ({parts}); use one type for all labels")
+    if "text" in df.columns:
+        problems += _check_text(df["text"].tolist(), source)
+    labels: list = []
+    if "label" in df.columns:
+        label_problems, labels = _check_labels(df["label"].tolist(), source)
+        problems += label_problems
     masks = {}
     for col in MASKS:
+        if col not in df.columns:
+            continue
         values, nulls, bad = _mask_values(df[col])
         if nulls:
             problems.append(f"{source}: column {col}: null values in {format_rows(nulls)}; use 0 or 1")
         if bad:
-            shown = ", ".join(repr(df[col].iloc[i]) for i in bad[:3])
+            shown = ", ".join(repr(_native(df[col].iloc[i])) for i in bad[:3])
             problems.append(f"{source}: column {col}: values outside {{0, 1, True, False}} ({shown}) in "
-                            f"{format_rows(bad)}")
+                            f"{format_rows(bad)}; use 0 or 1")
         masks[col] = values
     if problems:
         raise UserError(problems)
     out = pd.DataFrame({
-        "text": text.astype(str).to_numpy(),
-        "label": [int(v) if "int" in kinds and not isinstance(v, str) else v for v in labels.tolist()],
+        "text": df["text"].astype(str).to_numpy(dtype=object),
+        "label": pd.Series(labels, dtype="int64" if isinstance(labels[0], int) else object),
         "metric_mask": masks["metric_mask"],
         "classifier_mask": masks["classifier_mask"],
     })
     keep = (out["metric_mask"] == 1) | (out["classifier_mask"] == 1)
     dropped = int((~keep).sum())
     if dropped:
-        log.warning("%s: dropped %d row(s) with both metric_mask and classifier_mask 0", source, dropped)
+        warn(f"{source}: dropped {dropped} row(s) with both metric_mask and classifier_mask 0 "
+             "(they take part in neither loss)", warnings_out)
         out = out[keep].reset_index(drop=True)
     if len(out) == 0:
-        raise UserError(f"{source}: no row has metric_mask or classifier_mask set")
+        raise UserError(f"{source}: no row has metric_mask or classifier_mask set; set 1 in at least one of them")
     return out
