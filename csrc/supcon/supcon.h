@@ -14,21 +14,19 @@
 
 namespace metric_ds {
 
-// Per-device epilogues. Tiles are fp32 (fp64 for fp64 inputs), contiguous, row-major, already scaled by 1/temperature.
-// Labels are int32 class ids. `self_offset`: row i's own column inside the tile is i + self_offset (none when outside [0, tj)).
+// Per-device epilogues. Tiles are fp32 (fp64 for fp64 inputs), contiguous, row-major, already scaled by
+// 1/temperature. `self_offset`: row i's own column inside the tile is i + self_offset (none outside [0, tj)).
+// Positives never reach the tiles: sum_{p in P(i)} S_ip = z_i . (class sum of y_i - z_i) / tau is computed from
+// per-class sums in O(m d), and likewise the positive part of the gradient.
 struct Epilogues {
-  // Online statistics of the tile's rows: running max and sum of exp (log-sum-exp over j != self), and the sum
-  // and count of positive logits (same label, j != self). May overwrite the tile.
-  void (*row_stats)(at::Tensor& tile, int64_t self_offset, const at::Tensor& labels_rows,
-                    const at::Tensor& labels_cols, at::Tensor& run_max, at::Tensor& run_sum,
-                    at::Tensor& pos_sum, at::Tensor& pos_cnt);
-  // In place: tile[i][j] = coef_i * exp(S_ij - lse_i) - [y_i == y_j] * invp_i, plus, when `cols` statistics are
-  // given (symmetric case), the same term of row j: coef_j * exp(S_ij - lse_j) - [y_i == y_j] * invp_j.
-  // Self entries become 0. coef = upstream gradient (0 for anchors without positives), invp = coef / |P|.
-  void (*grad_tile)(at::Tensor& tile, int64_t self_offset, const at::Tensor& labels_rows,
-                    const at::Tensor& labels_cols, const at::Tensor& lse_rows, const at::Tensor& coef_rows,
-                    const at::Tensor& invp_rows, const at::Tensor* lse_cols, const at::Tensor* coef_cols,
-                    const at::Tensor* invp_cols);
+  // Online log-sum-exp over j != self of the tile's rows: merge the tile's row max and sum of exp into
+  // (run_max, run_sum).
+  void (*row_stats)(const at::Tensor& tile, int64_t self_offset, at::Tensor& run_max, at::Tensor& run_sum);
+  // In place: tile[i][j] = coef_i * exp(S_ij - lse_i), plus, when column statistics are given (the symmetric
+  // case), coef_j * exp(S_ij - lse_j); self entries become 0. coef = upstream gradient, 0 for anchors without
+  // positives.
+  void (*grad_tile)(at::Tensor& tile, int64_t self_offset, const at::Tensor& lse_rows, const at::Tensor& coef_rows,
+                    const at::Tensor* lse_cols, const at::Tensor* coef_cols);
 };
 
 // Tile width (rows and columns of a similarity tile); METRIC_DS_SUPCON_TILE overrides it.

@@ -1,7 +1,7 @@
 // CUDA epilogues for the shared tile loop (supcon_loop.cpp), and the op's CUDA registration.
 //
-// row_stats: one block per tile row; block-wide reductions (warp shuffles, then shared memory) of the positive
-// sum/count, the row max and the sum of exp, merged into the running online log-sum-exp by thread 0.
+// row_stats: one block per tile row; block-wide reductions (warp shuffles, then shared memory) of the row max and
+// the sum of exp, merged into the running online log-sum-exp by thread 0.
 // grad_tile: one thread per tile element (grid-stride), in place.
 // Only c10's CUDA headers are needed (no cuBLAS headers: the matmuls are ATen's, in the shared loop).
 #include <ATen/ATen.h>
@@ -65,39 +65,24 @@ __device__ T block_max(T v, T* scratch) {
 }
 
 template <typename T>
-__global__ void row_stats_kernel(T* __restrict__ tile, int64_t tj, int64_t self_offset,
-                                 const int32_t* __restrict__ lr, const int32_t* __restrict__ lc,
-                                 T* __restrict__ run_max, T* __restrict__ run_sum, T* __restrict__ pos_sum,
-                                 T* __restrict__ pos_cnt) {
+__global__ void row_stats_kernel(const T* __restrict__ tile, int64_t tj, int64_t self_offset,
+                                 T* __restrict__ run_max, T* __restrict__ run_sum) {
   __shared__ T scratch[kWarps];
   const int64_t i = blockIdx.x;
   const T* row = tile + i * tj;
   const int64_t self = i + self_offset;
-  const int32_t li = lr[i];
-  T psum = 0, pcnt = 0, tmax = -std::numeric_limits<T>::infinity();
+  T tmax = -std::numeric_limits<T>::infinity();
   for (int64_t j = threadIdx.x; j < tj; j += blockDim.x) {
-    if (j == self) continue;
-    const T v = row[j];
-    if (lc[j] == li) {
-      psum += v;
-      pcnt += T(1);
-    }
-    tmax = fmax(tmax, v);
+    if (j != self) tmax = fmax(tmax, row[j]);
   }
-  psum = block_sum(psum, scratch);
-  pcnt = block_sum(pcnt, scratch);
   tmax = block_max(tmax, scratch);
+  if (tmax == -std::numeric_limits<T>::infinity()) return;  // uniform across the block: no entry but self
   T tsum = 0;
-  if (tmax != -std::numeric_limits<T>::infinity()) {
-    for (int64_t j = threadIdx.x; j < tj; j += blockDim.x) {
-      if (j != self) tsum += dev_exp(row[j] - tmax);
-    }
+  for (int64_t j = threadIdx.x; j < tj; j += blockDim.x) {
+    if (j != self) tsum += dev_exp(row[j] - tmax);
   }
   tsum = block_sum(tsum, scratch);
-  if (threadIdx.x == 0) {
-    pos_sum[i] += psum;
-    pos_cnt[i] += pcnt;
-    if (tmax == -std::numeric_limits<T>::infinity()) return;  // no entry besides self in this tile
+  if (threadIdx.x == 0) {  // merge the tile's (max, sum) into the running online log-sum-exp
     const T old = run_max[i];
     if (old == -std::numeric_limits<T>::infinity()) {
       run_max[i] = tmax;
@@ -112,10 +97,8 @@ __global__ void row_stats_kernel(T* __restrict__ tile, int64_t tj, int64_t self_
 
 template <typename T>
 __global__ void grad_tile_kernel(T* __restrict__ tile, int64_t ti, int64_t tj, int64_t self_offset,
-                                 const int32_t* __restrict__ lr, const int32_t* __restrict__ lc,
                                  const T* __restrict__ lse_r, const T* __restrict__ coef_r,
-                                 const T* __restrict__ invp_r, const T* __restrict__ lse_c,
-                                 const T* __restrict__ coef_c, const T* __restrict__ invp_c) {
+                                 const T* __restrict__ lse_c, const T* __restrict__ coef_c) {
   const int64_t total = ti * tj;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -125,43 +108,35 @@ __global__ void grad_tile_kernel(T* __restrict__ tile, int64_t ti, int64_t tj, i
       continue;
     }
     const T v = tile[idx];
-    const bool pos = lc[j] == lr[i];
-    T h = coef_r[i] == T(0) ? T(0) : coef_r[i] * dev_exp(v - lse_r[i]) - (pos ? invp_r[i] : T(0));
-    if (lse_c != nullptr && coef_c[j] != T(0)) h += coef_c[j] * dev_exp(v - lse_c[j]) - (pos ? invp_c[j] : T(0));
+    // coef == 0 (anchor without positives) contributes nothing, whatever its lse
+    T h = coef_r[i] == T(0) ? T(0) : coef_r[i] * dev_exp(v - lse_r[i]);
+    if (lse_c != nullptr && coef_c[j] != T(0)) h += coef_c[j] * dev_exp(v - lse_c[j]);
     tile[idx] = h;
   }
 }
 
-void row_stats_cuda(at::Tensor& tile, int64_t self_offset, const at::Tensor& labels_rows,
-                    const at::Tensor& labels_cols, at::Tensor& run_max, at::Tensor& run_sum, at::Tensor& pos_sum,
-                    at::Tensor& pos_cnt) {
+void row_stats_cuda(const at::Tensor& tile, int64_t self_offset, at::Tensor& run_max, at::Tensor& run_sum) {
   const int64_t ti = tile.size(0), tj = tile.size(1);
   if (ti == 0) return;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(tile.scalar_type(), "supcon_row_stats_cuda", [&] {
     row_stats_kernel<scalar_t><<<static_cast<unsigned>(ti), kThreads, 0, stream>>>(
-        tile.data_ptr<scalar_t>(), tj, self_offset, labels_rows.data_ptr<int32_t>(),
-        labels_cols.data_ptr<int32_t>(), run_max.data_ptr<scalar_t>(), run_sum.data_ptr<scalar_t>(),
-        pos_sum.data_ptr<scalar_t>(), pos_cnt.data_ptr<scalar_t>());
+        tile.data_ptr<scalar_t>(), tj, self_offset, run_max.data_ptr<scalar_t>(), run_sum.data_ptr<scalar_t>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void grad_tile_cuda(at::Tensor& tile, int64_t self_offset, const at::Tensor& labels_rows,
-                    const at::Tensor& labels_cols, const at::Tensor& lse_rows, const at::Tensor& coef_rows,
-                    const at::Tensor& invp_rows, const at::Tensor* lse_cols, const at::Tensor* coef_cols,
-                    const at::Tensor* invp_cols) {
+void grad_tile_cuda(at::Tensor& tile, int64_t self_offset, const at::Tensor& lse_rows, const at::Tensor& coef_rows,
+                    const at::Tensor* lse_cols, const at::Tensor* coef_cols) {
   const int64_t ti = tile.size(0), tj = tile.size(1);
   if (ti == 0 || tj == 0) return;
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t blocks = std::min<int64_t>((ti * tj + kThreads - 1) / kThreads, 65535);
   AT_DISPATCH_FLOATING_TYPES(tile.scalar_type(), "supcon_grad_tile_cuda", [&] {
-    const bool sym = lse_cols != nullptr;
     grad_tile_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        tile.data_ptr<scalar_t>(), ti, tj, self_offset, labels_rows.data_ptr<int32_t>(),
-        labels_cols.data_ptr<int32_t>(), lse_rows.data_ptr<scalar_t>(), coef_rows.data_ptr<scalar_t>(),
-        invp_rows.data_ptr<scalar_t>(), sym ? lse_cols->data_ptr<scalar_t>() : nullptr,
-        sym ? coef_cols->data_ptr<scalar_t>() : nullptr, sym ? invp_cols->data_ptr<scalar_t>() : nullptr);
+        tile.data_ptr<scalar_t>(), ti, tj, self_offset, lse_rows.data_ptr<scalar_t>(),
+        coef_rows.data_ptr<scalar_t>(), lse_cols != nullptr ? lse_cols->data_ptr<scalar_t>() : nullptr,
+        coef_cols != nullptr ? coef_cols->data_ptr<scalar_t>() : nullptr);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -35,15 +35,15 @@ at::ScalarType accumulate_type(const at::Tensor& z) {
   return z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Labels as contiguous int32 (compared inside vectorised epilogue loops), remapped to 0..k-1 so that any int64
-// label values survive the narrowing.
+// Labels remapped to 0..k-1 (any int64 values), for the per-class sums.
 at::Tensor dense_labels(const at::Tensor& labels) {
-  if (labels.numel() == 0) return labels.to(at::kInt).contiguous();
-  at::Tensor inverse = std::get<1>(at::_unique(labels, /*sorted=*/true, /*return_inverse=*/true));
-  return inverse.to(at::kInt).contiguous();
+  if (labels.numel() == 0) return labels.contiguous();
+  return std::get<1>(at::_unique(labels, /*sorted=*/true, /*return_inverse=*/true)).contiguous();
 }
 
 bool is_symmetric(const at::Tensor& z, int64_t start, int64_t count) { return start == 0 && count == z.size(0); }
+
+constexpr int64_t kNoSelf = std::numeric_limits<int64_t>::min() / 2;
 
 }  // namespace
 
@@ -52,53 +52,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_forward_impl(
     int64_t anchor_count, const Epilogues& ep, int64_t tile) {
   check_inputs(z, labels, temperature, anchor_start, anchor_count);
   const int64_t m = z.size(0), n = anchor_count;
-  const auto f32 = z.options().dtype(accumulate_type(z));
   const at::Tensor z32 = z.to(accumulate_type(z)).contiguous();
-  const at::Tensor lab = dense_labels(labels);
-  const double inv_t = 1.0 / temperature;
-  at::Tensor run_max = at::full({n}, -std::numeric_limits<float>::infinity(), f32);
-  at::Tensor run_sum = at::zeros({n}, f32), pos_sum = at::zeros({n}, f32), pos_cnt = at::zeros({n}, f32);
-  if (n > 0 && m > 0) {
+  const at::Tensor zs = z32 * (1.0 / temperature);  // scaled copy: tiles come out of the matmul as logits
+  const auto opts = z32.options();
+  at::Tensor run_max = at::full({n}, -std::numeric_limits<double>::infinity(), opts);
+  at::Tensor run_sum = at::zeros({n}, opts);
+  if (n > 0 && m > 1) {
     if (is_symmetric(z, anchor_start, anchor_count)) {
       for (int64_t i0 = 0; i0 < m; i0 += tile) {
         const int64_t ti = std::min(tile, m - i0);
-        at::Tensor zi = z32.narrow(0, i0, ti), li = lab.narrow(0, i0, ti);
+        at::Tensor zi = zs.narrow(0, i0, ti);
         at::Tensor mi = run_max.narrow(0, i0, ti), si = run_sum.narrow(0, i0, ti);
-        at::Tensor pi = pos_sum.narrow(0, i0, ti), ci = pos_cnt.narrow(0, i0, ti);
         for (int64_t j0 = i0; j0 < m; j0 += tile) {
           const int64_t tj = std::min(tile, m - j0);
-          at::Tensor zj = z32.narrow(0, j0, tj), lj = lab.narrow(0, j0, tj);
-          at::Tensor s = at::mm(zi, zj.t()).mul_(inv_t);
-          if (j0 != i0) {  // the columns' rows see the transposed tile (no self entries off the diagonal)
-            at::Tensor st = s.t().contiguous();
+          at::Tensor s = at::mm(zi, z32.narrow(0, j0, tj).t());
+          ep.row_stats(s, i0 - j0, mi, si);
+          if (j0 != i0) {  // S_JI = S_IJ^T: the same tile serves the column block's rows
             at::Tensor mj = run_max.narrow(0, j0, tj), sj = run_sum.narrow(0, j0, tj);
-            at::Tensor pj = pos_sum.narrow(0, j0, tj), cj = pos_cnt.narrow(0, j0, tj);
-            ep.row_stats(st, std::numeric_limits<int64_t>::min() / 2, lj, li, mj, sj, pj, cj);
+            ep.row_stats(s.t().contiguous(), kNoSelf, mj, sj);
           }
-          ep.row_stats(s, i0 - j0, li, lj, mi, si, pi, ci);
         }
       }
     } else {
-      const at::Tensor za = z32.narrow(0, anchor_start, n);
-      const at::Tensor la = lab.narrow(0, anchor_start, n);
+      const at::Tensor za = zs.narrow(0, anchor_start, n);
       for (int64_t i0 = 0; i0 < n; i0 += tile) {
         const int64_t ti = std::min(tile, n - i0);
-        at::Tensor zi = za.narrow(0, i0, ti), li = la.narrow(0, i0, ti);
+        at::Tensor zi = za.narrow(0, i0, ti);
         at::Tensor mi = run_max.narrow(0, i0, ti), si = run_sum.narrow(0, i0, ti);
-        at::Tensor pi = pos_sum.narrow(0, i0, ti), ci = pos_cnt.narrow(0, i0, ti);
         for (int64_t j0 = 0; j0 < m; j0 += tile) {
           const int64_t tj = std::min(tile, m - j0);
-          at::Tensor s = at::mm(zi, z32.narrow(0, j0, tj).t()).mul_(inv_t);
-          ep.row_stats(s, anchor_start + i0 - j0, li, lab.narrow(0, j0, tj), mi, si, pi, ci);
+          ep.row_stats(at::mm(zi, z32.narrow(0, j0, tj).t()), anchor_start + i0 - j0, mi, si);
         }
       }
     }
   }
+  // Positives from per-class sums: sum_{p in P(i)} S_ip = z_i . (C[y_i] - z_i) / tau, |P(i)| = count[y_i] - 1.
+  const at::Tensor lab = dense_labels(labels);
+  const int64_t k = m > 0 ? lab.max().item<int64_t>() + 1 : 0;
+  const at::Tensor class_sum = at::zeros({k, z.size(1)}, opts).index_add_(0, lab, z32);
+  const at::Tensor class_cnt = at::bincount(lab, {}, k).to(opts.dtype());
+  const at::Tensor la = lab.narrow(0, anchor_start, n);
+  const at::Tensor za32 = z32.narrow(0, anchor_start, n);
+  const at::Tensor pos_cnt = class_cnt.index_select(0, la) - 1;
+  const at::Tensor pos_sum =
+      (za32 * (class_sum.index_select(0, la) - za32)).sum(1) * (1.0 / temperature);
   // Rows with an empty contrast set (m == 1) have no log-sum-exp; 0 keeps backward finite (they are invalid).
-  at::Tensor has_terms = run_sum > 0;
-  at::Tensor lse = at::where(has_terms, run_max + run_sum.log(), at::zeros_like(run_sum));
-  at::Tensor valid = pos_cnt > 0;
-  at::Tensor loss_rows = at::where(valid, lse - pos_sum / pos_cnt.clamp_min(1), at::zeros_like(lse));
+  const at::Tensor lse = at::where(run_sum > 0, run_max + run_sum.log(), at::zeros_like(run_sum));
+  const at::Tensor loss_rows = at::where(pos_cnt > 0, lse - pos_sum / pos_cnt.clamp_min(1), at::zeros_like(lse));
   return {loss_rows, lse, pos_cnt};
 }
 
@@ -111,52 +111,65 @@ at::Tensor supcon_backward_impl(const at::Tensor& grad_rows, const at::Tensor& z
               "grad_rows, lse and num_pos must have anchor_count = ", n, " elements");
   const at::ScalarType acc = accumulate_type(z);
   const at::Tensor z32 = z.to(acc).contiguous();
-  const at::Tensor lab = dense_labels(labels);
+  const at::Tensor zs = z32 * (1.0 / temperature);
   const at::Tensor lse32 = lse.to(acc).contiguous();
   const at::Tensor cnt = num_pos.to(acc);
   const at::Tensor coef = at::where(cnt > 0, grad_rows.to(acc), at::zeros_like(cnt)).contiguous();
-  const at::Tensor invp = (coef / cnt.clamp_min(1)).contiguous();
-  const double inv_t = 1.0 / temperature;
   at::Tensor dz = at::zeros({m, z.size(1)}, z32.options());
-  if (n > 0 && m > 0) {
+  // Softmax part, G_ij = coef_i softmax_ij (j != i), in tiles: dz += G z + G^T z_anchor.
+  if (n > 0 && m > 1) {
     if (is_symmetric(z, anchor_start, anchor_count)) {
       for (int64_t i0 = 0; i0 < m; i0 += tile) {
         const int64_t ti = std::min(tile, m - i0);
-        at::Tensor zi = z32.narrow(0, i0, ti), li = lab.narrow(0, i0, ti);
-        at::Tensor lse_i = lse32.narrow(0, i0, ti), coef_i = coef.narrow(0, i0, ti), invp_i = invp.narrow(0, i0, ti);
+        at::Tensor zi = z32.narrow(0, i0, ti), zsi = zs.narrow(0, i0, ti);
+        at::Tensor lse_i = lse32.narrow(0, i0, ti), coef_i = coef.narrow(0, i0, ti);
         at::Tensor dzi = dz.narrow(0, i0, ti);
         for (int64_t j0 = i0; j0 < m; j0 += tile) {
           const int64_t tj = std::min(tile, m - j0);
           at::Tensor zj = z32.narrow(0, j0, tj);
-          at::Tensor lse_j = lse32.narrow(0, j0, tj), coef_j = coef.narrow(0, j0, tj), invp_j = invp.narrow(0, j0, tj);
-          at::Tensor h = at::mm(zi, zj.t()).mul_(inv_t);
+          at::Tensor lse_j = lse32.narrow(0, j0, tj), coef_j = coef.narrow(0, j0, tj);
+          at::Tensor h = at::mm(zsi, zj.t());
           // h = G_IJ + G_JI^T: one tile of S serves the gradient of both row blocks.
-          ep.grad_tile(h, i0 - j0, li, lab.narrow(0, j0, tj), lse_i, coef_i, invp_i, &lse_j, &coef_j, &invp_j);
+          ep.grad_tile(h, i0 - j0, lse_i, coef_i, &lse_j, &coef_j);
           dzi.addmm_(h, zj);
           if (j0 != i0) dz.narrow(0, j0, tj).addmm_(h.t(), zi);
         }
       }
     } else {
-      const at::Tensor za = z32.narrow(0, anchor_start, n);
-      const at::Tensor la = lab.narrow(0, anchor_start, n);
+      const at::Tensor za = z32.narrow(0, anchor_start, n), zsa = zs.narrow(0, anchor_start, n);
       for (int64_t i0 = 0; i0 < n; i0 += tile) {
         const int64_t ti = std::min(tile, n - i0);
-        at::Tensor zi = za.narrow(0, i0, ti), li = la.narrow(0, i0, ti);
-        at::Tensor lse_i = lse32.narrow(0, i0, ti), coef_i = coef.narrow(0, i0, ti), invp_i = invp.narrow(0, i0, ti);
+        at::Tensor zi = za.narrow(0, i0, ti), zsi = zsa.narrow(0, i0, ti);
+        at::Tensor lse_i = lse32.narrow(0, i0, ti), coef_i = coef.narrow(0, i0, ti);
         at::Tensor dzi = dz.narrow(0, anchor_start + i0, ti);
         for (int64_t j0 = 0; j0 < m; j0 += tile) {
           const int64_t tj = std::min(tile, m - j0);
           at::Tensor zj = z32.narrow(0, j0, tj);
-          at::Tensor g = at::mm(zi, zj.t()).mul_(inv_t);
-          ep.grad_tile(g, anchor_start + i0 - j0, li, lab.narrow(0, j0, tj), lse_i, coef_i, invp_i, nullptr,
-                       nullptr, nullptr);
-          dzi.addmm_(g, zj);                            // the anchors' own term: G z
-          dz.narrow(0, j0, tj).addmm_(g.t(), zi);       // the contrast rows' term: G^T z_anchor
+          at::Tensor g = at::mm(zsi, zj.t());
+          ep.grad_tile(g, anchor_start + i0 - j0, lse_i, coef_i, nullptr, nullptr);
+          dzi.addmm_(g, zj);                       // the anchors' own term: G z
+          dz.narrow(0, j0, tj).addmm_(g.t(), zi);  // the contrast rows' term: G^T z_anchor
         }
       }
     }
   }
-  return dz.mul_(inv_t).to(z.scalar_type());
+  // Positive part, -[j in P(i)] coef_i / |P(i)|, from per-class sums:
+  //   anchors:       dz_i -= invp_i (C[y_i] - z_i)
+  //   contrast rows: dz_j -= Q[y_j] - [j is an anchor] invp_j z_j, with Q[y] = sum of invp_i z_i over anchors.
+  if (n > 0) {
+    const at::Tensor lab = dense_labels(labels);
+    const int64_t k = lab.max().item<int64_t>() + 1;
+    const at::Tensor la = lab.narrow(0, anchor_start, n);
+    const at::Tensor za = z32.narrow(0, anchor_start, n);
+    const at::Tensor invp = (coef / cnt.clamp_min(1)).unsqueeze(1);
+    const at::Tensor class_sum = at::zeros({k, z.size(1)}, z32.options()).index_add_(0, lab, z32);
+    const at::Tensor q = at::zeros({k, z.size(1)}, z32.options()).index_add_(0, la, invp * za);
+    at::Tensor dza = dz.narrow(0, anchor_start, n);
+    dza.sub_(invp * (class_sum.index_select(0, la) - za));
+    dz.sub_(q.index_select(0, lab));
+    dza.add_(invp * za);
+  }
+  return dz.mul_(1.0 / temperature).to(z.scalar_type());
 }
 
 }  // namespace metric_ds
