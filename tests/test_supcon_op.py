@@ -46,7 +46,8 @@ def assert_close_rel(a, b, rel, what, floor=None):
     assert err <= rel * max(scale, floor), f"{what}: max error {err:.3g} vs scale {scale:.3g}"
 
 
-GRID = [(m, d) for m in (1, 2, 3, 97, 1025) for d in (1, 59, 384)] + [(4099, 59), (1025, 768)]
+GRID = [(m, d) for m in (1, 2, 3, 97, 1025) for d in (1, 59, 384)] + [(4099, 59), (1025, 768)] + [
+    pytest.param(4099, d, marks=pytest.mark.slow) for d in (1, 384, 768)]  # the big corners
 
 
 @needs_fused_cpu

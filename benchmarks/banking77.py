@@ -1,0 +1,197 @@
+"""The BANKING77 study: CE only, SupCon only (k-NN and a linear head fitted afterwards), CE + SupCon, and the
+limited-labelling case (10 labelled rows per class) against CE on those rows alone, beside published results.
+
+    .venv/bin/python benchmarks/banking77.py [--only ce_supcon ce_only ...] [--epochs 3]
+
+Every configuration trains the bundled all-MiniLM-L6-v2 with ``configs/banking77.yaml`` (plus the overrides
+listed below), selects its checkpoint on a validation split of train.csv, and is evaluated once on test.csv.
+Results accumulate in ``benchmarks/results/banking77.json`` (a configuration already there is not re-run unless
+``--force``) and are rendered to ``benchmarks/results/banking77.md``. Data: ``$BANKING77_DIR``
+(default ``../shared/data/banking77``), never copied into the repository.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results"
+WORK = ROOT / "demo_runs" / "study"
+PY = sys.executable
+
+# name -> (prepare options, training overrides, description)
+STUDY = {
+    "ce_supcon": ([], [], "CE + SupCon, full training data"),
+    "ce_only": ([], ["training.metric_loss_weight=0"], "CE only, full training data"),
+    "supcon_only": ([], ["training.classification_loss_weight=0", "checkpointing.save_best_by=loss"],
+                    "SupCon only, full training data (classified by k-NN and by a linear head fitted afterwards)"),
+    "fewshot_ce_supcon": (["--classifier-per-class", "10", "--metric-mask", "all"], [],
+                          "10 labelled rows per class (CE) + SupCon on all rows"),
+    "fewshot_ce_only": (["--classifier-per-class", "10", "--metric-mask", "labelled"],
+                        ["training.metric_loss_weight=0", "training.num_epochs=30", "training.batch_size=32"],
+                        "CE on the same 10 labelled rows per class alone (770 rows; 30 epochs)"),
+}
+
+PUBLISHED = [
+    ("full data", "BERT-large, fine-tuned (Casanueva et al. 2020)", 93.66, None),
+    ("full data", "USE+ConveRT (Casanueva et al. 2020)", 93.36, None),
+    ("10-shot", "USE+ConveRT (Casanueva et al. 2020)", 85.19, None),
+    ("10-shot", "CPFT (Zhang et al. 2021)", 87.20, None),
+    ("8-shot", "all-MiniLM-L6-v2 frozen + logistic regression (MTEB)", 80.04, 79.38),
+]
+
+
+def run(cmd: list[str]) -> None:
+    print("+ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def prepare(data_dir: Path, name: str, options: list[str], seed: int) -> tuple[Path, Path]:
+    train = WORK / "data" / f"train_{'fewshot_' + options[-1] if options else 'full'}.parquet"
+    test = WORK / "data" / "test.parquet"
+    if not train.exists():
+        run([PY, "-m", "metric_ds", "prepare", "--input", str(data_dir / "train.csv"), "--output", str(train),
+             "--text-column", "text", "--label-column", "category", "--seed", str(seed), *options])
+    if not test.exists():
+        run([PY, "-m", "metric_ds", "prepare", "--input", str(data_dir / "test.csv"), "--output", str(test),
+             "--text-column", "text", "--label-column", "category"])
+    return train, test
+
+
+@torch.no_grad()
+def linear_probe(model_dir: Path, train: Path, test: Path) -> dict[str, float]:
+    """Softmax regression on the frozen SupCon embeddings of train.csv, scored on test.csv."""
+    from metric_ds.data.io import read_table
+    from metric_ds.data.labels import LabelMap
+    from metric_ds.data.validation import validate_frame
+    from metric_ds.evaluate import embed_table
+    from metric_ds.metrics import accuracy, macro_f1
+    from metric_ds.model import load_exported
+
+    model, tok = load_exported(model_dir)
+    lm = LabelMap.load(model_dir / "labels.json")
+    out = {}
+    for split, path in (("train", train), ("test", test)):
+        df = validate_frame(read_table(path), str(path))
+        df["label_id"] = lm.encode(df["label"])
+        out[split] = embed_table(model, tok, df, 64, 256)
+    x, y = out["train"]["z"], out["train"]["labels"]
+    head = torch.nn.Linear(x.shape[1], lm.num_classes)
+    opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=300, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        with torch.enable_grad():
+            loss = torch.nn.functional.cross_entropy(head(x), y) + 1e-4 * head.weight.pow(2).sum()
+            loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    pred = head(out["test"]["z"]).argmax(1)
+    yt = out["test"]["labels"]
+    return {"linear_accuracy": float(accuracy(yt, pred)), "linear_macro_f1": float(macro_f1(yt, pred))}
+
+
+def run_config(name: str, data_dir: Path, epochs: int | None, seed: int) -> dict:
+    prep, overrides, description = STUDY[name]
+    train, test = prepare(data_dir, name, prep, seed)
+    sets = [f"run_name={name}", f"checkpointing.checkpoints_dir={WORK}", f"data.parquet_path={train}",
+            f"training.seed={seed}", *overrides]
+    if epochs is not None and not any(o.startswith("training.num_epochs") for o in overrides):
+        sets.append(f"training.num_epochs={epochs}")
+    start = time.time()
+    run([PY, "-m", "metric_ds", "train", "--config", "configs/banking77.yaml", *sum((["--set", s] for s in sets), [])])
+    train_s = time.time() - start
+    run_dir = WORK / name
+    ev_path = run_dir / "eval" / "test.json"
+    run([PY, "-m", "metric_ds", "evaluate", "--model", str(run_dir / "best"), "--data", str(test),
+         "--output", str(ev_path)])
+    ev = json.loads(ev_path.read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    result = {"description": description, "overrides": sets, "prepare": prep, "train_wall_s": round(train_s, 1),
+              "steps": summary["steps"], "best_metric": summary["best_metric"], "best_value": summary["best_value"],
+              "best_step": summary["best_step"], "test_accuracy": ev.get("accuracy"),
+              "test_macro_f1": ev.get("macro_f1"), "test_retrieval": ev.get("retrieval", {})}
+    if name == "supcon_only":
+        result.update(linear_probe(run_dir / "best", train, test))
+    return result
+
+
+def render(results: dict) -> str:
+    meta = results.get("_meta", {})
+    lines = ["# BANKING77 study", "",
+             "BANKING77 (PolyAI, CC BY 4.0; Casanueva et al. 2020): 10,003 train / 3,080 test utterances, 77 intents.",
+             "Model: the bundled all-MiniLM-L6-v2 (22M parameters), `configs/banking77.yaml`; checkpoints chosen on a",
+             "10% validation split of train.csv; each configuration evaluated once on test.csv.", "",
+             f"Machine: {meta.get('machine')}; torch {meta.get('torch')}; seed {meta.get('seed')}.", "",
+             "| configuration | test acc (classifier) | test macro-F1 | k-NN acc | k-NN macro-F1 | Recall@1 | steps | train wall |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    pct = lambda v: "" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    for name in STUDY:
+        r = results.get(name)
+        if r is None:
+            lines.append(f"| {STUDY[name][2]} | not run | | | | | | |")
+            continue
+        ret = r["test_retrieval"]
+        acc = pct(r["test_accuracy"]) if name != "supcon_only" else "(no head trained)"
+        f1 = pct(r["test_macro_f1"]) if name != "supcon_only" else ""
+        lines.append(f"| {r['description']} | {acc} | {f1} | {pct(ret.get('knn_acc'))} | {pct(ret.get('knn_f1'))} "
+                     f"| {pct(ret.get('recall@1'))} | {r['steps']} | {r['train_wall_s'] / 60:.1f} min |")
+        if "linear_accuracy" in r:
+            lines.append(f"| SupCon only + linear head fitted on frozen embeddings | {pct(r['linear_accuracy'])} "
+                         f"| {pct(r['linear_macro_f1'])} | | | | | |")
+    lines += ["", "Published results on the same test set:", "", "| setting | model | accuracy | macro-F1 |",
+              "| --- | --- | ---: | ---: |"]
+    for setting, model, acc, f1 in PUBLISHED:
+        lines.append(f"| {setting} | {model} | {acc:.2f} | {'' if f1 is None else f'{f1:.2f}'} |")
+    lines += ["", "## Against the targets", ""]
+    full = results.get("ce_supcon", {}).get("test_accuracy")
+    ce = results.get("ce_only", {}).get("test_accuracy")
+    fs, fs_ce = (results.get(k, {}).get("test_accuracy") for k in ("fewshot_ce_supcon", "fewshot_ce_only"))
+    if full is not None:
+        lines.append(f"- Full data >= 93.0%: {100 * full:.2f}% ({'met' if full >= 0.93 else f'missed by {100 * (0.93 - full):.2f} points'}); "
+                     f"BERT-large's 93.66: {'beaten' if full > 0.9366 else f'{100 * (0.9366 - full):.2f} points short'}.")
+    if full is not None and ce is not None:
+        lines.append(f"- CE + SupCon ({100 * full:.2f}) vs CE alone ({100 * ce:.2f}): "
+                     f"{'at least as good' if full >= ce else f'worse by {100 * (ce - full):.2f} points'}.")
+    if fs is not None and fs_ce is not None:
+        lines.append(f"- 10 labelled per class: CE + SupCon on all rows {100 * fs:.2f} vs CE alone {100 * fs_ce:.2f} "
+                     f"({'above' if fs > fs_ce else 'not above'}); CPFT 87.20 is {100 * (0.872 - fs):.2f} points away.")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", nargs="+", choices=list(STUDY), default=list(STUDY))
+    p.add_argument("--epochs", type=int, default=None, help="override training.num_epochs (not for fewshot_ce_only)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--force", action="store_true", help="re-run configurations already in the results")
+    args = p.parse_args()
+    data_dir = Path(os.environ.get("BANKING77_DIR", ROOT.parent / "shared" / "data" / "banking77"))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "banking77.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results["_meta"] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+                        "torch": torch.__version__, "seed": args.seed}
+    for name in args.only:
+        if name in results and not args.force:
+            continue
+        results[name] = run_config(name, data_dir, args.epochs, args.seed)
+        path.write_text(json.dumps(results, indent=2))
+        (RESULTS / "banking77.md").write_text(render(results))
+    (RESULTS / "banking77.md").write_text(render(results))
+    print((RESULTS / "banking77.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
