@@ -9,6 +9,7 @@ written every ``save_every_n_batches``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -170,6 +171,7 @@ class Trainer:
             self.bank = EmbeddingBank(capacity=mv.keep_last_n_emb_steps * rows_per_step, z_dim=z_dim,
                                       h_dim=h_dim, keep_last_n_steps=mv.keep_last_n_emb_steps, device=self.device)
         self.state = LoopState()
+        self.last_val: dict[str, float] = {}
         if t.resume_from:
             self._resume(t.resume_from)
         if D.is_main():
@@ -272,6 +274,7 @@ class Trainer:
         if last_eval_step != st.global_step and st.global_step > 0:
             self.validate()
         wall = time.perf_counter() - start_wall
+        digests = self._rank_digests()
         summary = {
             "run_dir": str(self.run_dir),
             "best_dir": str(self.run_dir / "best"),
@@ -283,6 +286,9 @@ class Trainer:
             "wall_time_s": wall,
             "train_samples_per_s": (st.samples_seen - samples_at_start) / max(wall, 1e-9),
             "world_size": D.world_size(),
+            # every rank's fingerprint of its bank and last validation metrics: they must agree
+            "rank_digests": digests,
+            "ranks_agree": len({json.dumps(d, sort_keys=True) for d in digests}) == 1,
         }
         if D.is_main():
             write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
@@ -300,6 +306,20 @@ class Trainer:
             return None
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
         return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+    def _rank_digests(self) -> list[dict[str, str]]:
+        """A hash of the bank (in order) and of the last validation record, from every rank."""
+        h = hashlib.sha256()
+        if self.bank is not None:
+            for t in self.bank.view():
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        mine = {"bank": h.hexdigest()[:16],
+                "val": hashlib.sha256(json.dumps(self.last_val, sort_keys=True).encode()).hexdigest()[:16]}
+        if not D.is_dist():
+            return [mine]
+        out: list = [None] * D.world_size()
+        torch.distributed.all_gather_object(out, mine)
+        return out
 
     def _bank_add(self, out: Any, batch: dict[str, torch.Tensor], step: int) -> None:
         """Add this micro-batch's metric rows (from every rank, in rank order) to the bank."""
@@ -332,6 +352,7 @@ class Trainer:
         if self.bank is not None:
             record.update(self.bank.stats(self.label_map.num_classes, self.state.global_step))
         self._log(record)
+        self.last_val = record
         key = cfg.checkpointing.save_best_by
         value = metrics.get(key)
         if value is not None and not math.isnan(value):
