@@ -163,9 +163,9 @@ class Trainer:
                                  t.supcon_impl, t.supcon_scope)
         mv = cfg.metric_validation
         self.bank = None
-        if mv.keep_last_n_emb_steps > 0 and t.metric_loss_weight >= 0:
-            rows_per_step = t.batch_size * t.gradient_accumulation_steps * (
-                D.world_size() if t.supcon_scope == "global" else D.world_size())
+        if mv.keep_last_n_emb_steps > 0:
+            # every rank adds the metric rows of all ranks (so the banks are identical)
+            rows_per_step = t.batch_size * t.gradient_accumulation_steps * D.world_size()
             h_dim = model.classifier.in_features
             z_dim = cfg.model.projection_dim or h_dim
             self.bank = EmbeddingBank(capacity=mv.keep_last_n_emb_steps * rows_per_step, z_dim=z_dim,
@@ -282,7 +282,7 @@ class Trainer:
             "best_value": st.best_value,
             "best_step": st.best_step,
             "steps": st.global_step,
-            "epochs": st.epoch,
+            "epochs": round(st.samples_seen / max(len(self.train_ds), 1), 3),  # passes over the train split
             "wall_time_s": wall,
             "train_samples_per_s": (st.samples_seen - samples_at_start) / max(wall, 1e-9),
             "world_size": D.world_size(),

@@ -58,9 +58,19 @@ def test_matches_reference_fp32(device, m, d, labels):
     z, y = make(m, d, labels, device)
     ref = loss_and_grad(z, y, 0.07, "reference", upstream=1.7)
     got = loss_and_grad(z, y, 0.07, "fused", upstream=1.7)
-    assert_close_rel(got[0], ref[0], 1e-5, "loss")
-    assert_close_rel(got[1], ref[1], 1e-5, "grad")
     assert int(got[2]) == int(ref[2])
+    try:
+        assert_close_rel(got[0], ref[0], 1e-5, "loss")
+        assert_close_rel(got[1], ref[1], 1e-5, "grad")
+    except AssertionError:
+        # Long fp32 sums (m = 4099, d = 1: all logits +-1/tau) put the reference itself ~1.5e-5 from the exact
+        # value. Then the fp64 reference is truth and the fused op may be at most 2x as far from it as the fp32
+        # reference is (the low-precision oracle below, applied to fp32).
+        truth = loss_and_grad(z.double(), y, 0.07, "reference", upstream=1.7)
+        for k in (0, 1):
+            ref_err = float((ref[k].double() - truth[k]).abs().max())
+            got_err = float((got[k].double() - truth[k]).abs().max())
+            assert got_err <= max(2 * ref_err, 1e-5 * float(truth[k].abs().max())), (k, got_err, ref_err)
 
 
 @needs_fused_cpu

@@ -26,7 +26,8 @@ def op_status() -> dict[str, object]:
     cpu_ok, cpu_why = fused.available("cpu")
     cuda_ok, cuda_why = fused.available("cuda")
     return {"cpu_available": cpu_ok, "cpu": cpu_why, "cuda_available": cuda_ok, "cuda": cuda_why,
-            "cuda_build": build.cuda_build_decision()[1]}
+            "cuda_build": build.cuda_build_decision()[1], "torch_cuda": torch.version.cuda or "none",
+            "cuda_home": build.real_cuda_home() or "not found"}
 
 
 def supcon_loss(
