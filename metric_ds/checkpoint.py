@@ -130,11 +130,53 @@ def resolve_resume(resume_from: str, run_dir: Path) -> Path:
     )
 
 
+def _deepspeed_safe_globals() -> list[type]:
+    """The few DeepSpeed classes its checkpoints pickle (ZeRO stage enum, loss scalers, ZeRO fragment
+    addresses): plain state holders."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+class _WeightsOnlyLoads:
+    """Make DeepSpeed's checkpoint engine read with ``torch.load(weights_only=True)`` (it passes False), allowing
+    only :func:`_deepspeed_safe_globals`: no checkpoint file can run code when it is loaded."""
+
+    def __init__(self, engine: Any):
+        self.ckpt_engine = engine.checkpoint_engine
+
+    def __enter__(self) -> None:
+        original = self.ckpt_engine.load
+        allowed = _deepspeed_safe_globals()
+
+        def load(path: str, map_location: Any = None) -> Any:
+            try:
+                with torch.serialization.safe_globals(allowed):
+                    return torch.load(path, map_location=map_location, weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - any unpickling refusal: say which file and why
+                raise UserError(f"training.resume_from: {path} holds objects that a weights-only load refuses "
+                                f"({str(exc).splitlines()[-1][:200]}); metric_ds does not run code from "
+                                "checkpoints. Re-save it with this version of metric_ds") from None
+
+        self._original = original
+        self.ckpt_engine.load = load
+
+    def __exit__(self, *exc: Any) -> None:
+        self.ckpt_engine.load = self._original
+
+
 def load_checkpoint(engine: Any, ckpt_dir: Path) -> dict[str, Any]:
-    """Restore the engine (model, optimizer, scheduler) and return our client state (RNGs already restored)."""
+    """Restore the engine (model, optimizer, scheduler) and return our client state (RNGs already restored).
+
+    Every file is read with ``torch.load(weights_only=True)``: DeepSpeed's own files through
+    :class:`_WeightsOnlyLoads`, ours directly.
+    """
     ckpt_dir = Path(ckpt_dir)
-    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=DS_TAG, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)
+    with _WeightsOnlyLoads(engine):
+        path, _ = engine.load_checkpoint(str(ckpt_dir), tag=DS_TAG, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
     if path is None:
         raise UserError(f"training.resume_from: DeepSpeed could not load {ckpt_dir / DS_TAG}")
     own = ckpt_dir / f"client_state_rank{D.rank()}.pt"

@@ -166,3 +166,23 @@ def test_atomic_checkpoint_survives_a_crash_mid_save(tmp_path, tiny_model_dir, t
 def test_resume_from_nothing_is_a_clear_error(tmp_path, tiny_model_dir, tiny_table):
     with pytest.raises(UserError, match="no checkpoint found"):
         run(tmp_path, tiny_model_dir, tiny_table, training__resume_from=str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_under_zero_reads_weights_only(tmp_path, tiny_model_dir, tiny_table, stage, monkeypatch):
+    """A ZeRO-2/3 checkpoint resumes, and every file is read with torch.load(weights_only=True)."""
+    common = dict(deepspeed__zero_stage=stage, training__max_steps=4, checkpointing__save_every_n_batches=2,
+                  checkpointing__keep_last_n_checkpoints=5)
+    first, _ = run(tmp_path / "a", tiny_model_dir, tiny_table, **common)
+    seen = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    _, summary = run(tmp_path / "b", tiny_model_dir, tiny_table,
+                     training__resume_from=str(first.run_dir / "checkpoints" / "step-2"), **common)
+    assert summary["steps"] == 4
+    assert seen and all(flag is True for flag in seen), seen
