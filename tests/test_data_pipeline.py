@@ -63,19 +63,22 @@ def test_metric_weight_without_metric_rows_and_zero_weight_is_fine(tmp_path):
     assert len(data.train) + len(data.val) == 40 and data.train["metric_mask"].sum() == 0
 
 
-def test_mask_rows_only_in_validation_count_as_missing():
+def test_split_is_stratified_by_masks_too():
+    """The split stratifies on (label, classifier_mask, metric_mask): a lone labelled row stays in train, and
+    a labelled subset is split in proportion (the limited-labelling use case: 10 per class -> 9 train, 1 val)."""
     df = make_frame(40, num_classes=2)
     df["classifier_mask"] = 0
-    df.loc[0, "classifier_mask"] = 1  # one row; with val_ratio 0.5 it may land in either split
-    outcomes = set()
+    df.loc[0, "classifier_mask"] = 1
     for seed in range(6):
-        try:
-            build_training_data(df, val_ratio=0.5, seed=seed)
-            outcomes.add("ok")
-        except UserError as exc:
-            assert "no training row has classifier_mask = 1" in str(exc)
-            outcomes.add("error")
-    assert outcomes == {"ok", "error"}
+        data = build_training_data(df, val_ratio=0.5, seed=seed)
+        assert data.train["classifier_mask"].sum() == 1
+    big = make_frame(400, num_classes=4)
+    big["classifier_mask"] = 0
+    for label in big["label"].unique():
+        big.loc[big.index[big["label"] == label][:10], "classifier_mask"] = 1
+    data = build_training_data(big, val_ratio=0.1, seed=42)
+    assert data.train.groupby("label")["classifier_mask"].sum().tolist() == [9, 9, 9, 9]
+    assert data.val.groupby("label")["classifier_mask"].sum().tolist() == [1, 1, 1, 1]
 
 
 def test_file_problems_from_train_and_validation_files_together(tmp_path):

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pandas as pd
 
 from metric_ds.data.balance import balance_indices
@@ -103,7 +104,11 @@ def build_training_data(frame: str | Path | pd.DataFrame, *, val_frame: str | Pa
             val["label_id"] = label_map.encode(val["label"])
         train = df
     else:
-        train_idx, val_idx = stratified_split(df["label_id"].to_numpy(), val_ratio, seed, warnings)
+        # Strata are (label, classifier_mask, metric_mask): with 10 hand-labelled rows per class, about 1 goes to
+        # validation and 9 stay in train, whatever the other rows do.
+        strata = (df["label_id"].to_numpy() * 4 + df["classifier_mask"].to_numpy().astype(np.int64) * 2
+                  + df["metric_mask"].to_numpy().astype(np.int64))
+        train_idx, val_idx = stratified_split(strata, val_ratio, seed, warnings)
         train, val = df.iloc[train_idx].reset_index(drop=True), df.iloc[val_idx].reset_index(drop=True)
     keep = balance_indices(train["label_id"].to_numpy(), upsample, downsample, seed)
     train = train.iloc[keep].reset_index(drop=True)

@@ -26,7 +26,9 @@ def stratified_split(labels: np.ndarray, val_ratio: float, seed: int, warnings_o
     if not 0 < val_ratio < 1:
         raise ValueError(f"val_ratio must be in (0, 1), got {val_ratio}")
     labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
+    # A stream of its own: `metric-ds prepare --seed S` draws its labelled subset from default_rng(S) over the
+    # same per-class index arrays, and sharing that stream would send exactly the labelled rows to validation.
+    rng = np.random.default_rng([seed, 0x5B117])
     train, val, kept = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)], 0
     for cls in np.unique(labels):
         idx = np.flatnonzero(labels == cls)
