@@ -131,8 +131,9 @@ NOTES = [
     "Budget: `make demo` must finish in about 45 minutes on a 2-core CPU, so every configuration trains 3 epochs "
     "(423 steps of 64); on a quiet machine one such run takes about 11 minutes (1.5 s/step). Train wall times "
     "above vary with load: some runs shared the cores with CI runs and tests.",
-    "None of the runs had converged: validation accuracy was still rising at the last step of each. The targets "
-    "were missed at this budget; nothing was tuned on test.csv.",
+    "The 3-epoch runs had not converged: their best validation accuracy came at the last step (423 of 423); "
+    "only the 10-shot CE-only run peaked earlier (step 242 of 660). The targets were missed at this budget; "
+    "nothing was tuned on test.csv.",
     "What would likely close the gap, none tried yet for lack of CPU time: more epochs (the published 93%+ results "
     "fine-tune for far longer); the pk sampler (at batch 64 only ~57% of SupCon anchors have a positive, per "
     "`metric-ds validate`); a SupCon projection head (`model.projection_dim`) so that the metric loss does not pull "
