@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,16 @@ from conftest import BANKING77, REPO, make_frame
 from metric_ds.cli import main
 
 
+def clean_env() -> dict[str, str]:
+    """This process's environment without the rendezvous variables that in-process trainings set (a child
+    would otherwise try to listen on the port this process still holds)."""
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "metric_ds", *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=600)
+                          timeout=600, env=clean_env())
 
 
 def write_cfg(tmp_path: Path, data: dict) -> Path:
@@ -119,7 +127,7 @@ def test_train_evaluate_report_end_to_end(tmp_path, tiny_model_dir):
         "logging": {"backends": ["jsonl", "console", "tensorboard"]},
     })
     proc = subprocess.run([sys.executable, "train_metric_classifier.py", "--config", str(cfg)], capture_output=True,
-                          text=True, cwd=REPO, timeout=600)
+                          text=True, cwd=REPO, timeout=600, env=clean_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "e2e"
     assert (run / "best" / "heads.json").is_file() and (run / "checkpoints" / "latest").is_file()
