@@ -78,6 +78,7 @@ def main() -> None:
         print(json.dumps({"world_size": D.world_size(), "batch_per_rank": args.batch, "seq": args.seq,
                           "step_s": round(per_step, 4), "gather_s": round(gather, 5),
                           "gather_share": round(gather / per_step, 5)}))
+    D.shutdown()
 
 
 if __name__ == "__main__":

@@ -60,9 +60,9 @@ def run_guarded(fn: Callable[[], Any], debug: bool = False) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from metric_ds.config import load_config
-    from metric_ds.train import train
+    from metric_ds.train import train_process
 
-    train(load_config(args.config, args.overrides))
+    train_process(load_config(args.config, args.overrides))
 
 
 def _cmd_validate(args: argparse.Namespace) -> None:

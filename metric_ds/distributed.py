@@ -48,6 +48,19 @@ def ensure_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
+def shutdown() -> None:
+    """End this process's part in the process group: wait for every rank, then destroy the group.
+
+    Call it once per process, at the end of a successful run. A process that exits with a live gloo group can
+    abort in interpreter finalisation ("terminate called without an active exception", SIGABRT) while its
+    worker threads still hold tensors, and a rank that leaves early can break a peer still inside a collective.
+    Not on error paths: a barrier there would wait for ranks that failed.
+    """
+    if is_dist():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_gather_counts(counts: list[int], device: torch.device) -> torch.Tensor:
     """Gather a few integers from every rank: returns (W, len(counts)) int64, row r from rank r."""
     local = torch.tensor(counts, dtype=torch.int64, device=device)

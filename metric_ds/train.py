@@ -399,8 +399,15 @@ class Trainer:
 
 
 def train(cfg: Config) -> dict[str, Any]:
-    """Train ``cfg`` and return the summary."""
+    """Train ``cfg`` and return the summary. The process group stays up (in-process callers may train again)."""
     return Trainer(cfg).fit()
+
+
+def train_process(cfg: Config) -> dict[str, Any]:
+    """Train ``cfg`` as a whole process (the command-line entry points): train, then leave the process group."""
+    summary = train(cfg)
+    D.shutdown()
+    return summary
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -419,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    return run_guarded(lambda: train(load_config(args.config, args.overrides)), debug=args.debug)
+    return run_guarded(lambda: train_process(load_config(args.config, args.overrides)), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -89,6 +89,7 @@ def main() -> None:
         params = {k: v.detach().clone() for k, v in module.named_parameters()}
     if r == 0:
         torch.save({"terms": {k: float(v) for k, v in terms.items() if k != "loss"}, "params": params}, args.out)
+    D.shutdown()
 
 
 if __name__ == "__main__":
