@@ -32,7 +32,7 @@ PY = sys.executable
 STUDY = {
     "ce_supcon": ([], [], "CE + SupCon, full training data"),
     "ce_only": ([], ["training.metric_loss_weight=0"], "CE only, full training data"),
-    "supcon_only": ([], ["training.classification_loss_weight=0", "checkpointing.save_best_by=loss"],
+    "supcon_only": ([], ["training.classification_loss_weight=0", "checkpointing.save_best_by=knn_f1"],
                     "SupCon only, full training data (classified by k-NN and by a linear head fitted afterwards)"),
     "fewshot_ce_supcon": (["--classifier-per-class", "10", "--metric-mask", "all"], [],
                           "10 labelled rows per class (CE) + SupCon on all rows"),

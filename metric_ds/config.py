@@ -118,7 +118,9 @@ class CheckpointingConfig(_Section):
     checkpoints_dir: str = "runs"
     save_every_n_batches: int | None = Field(None, gt=0, description="Periodic checkpoint every N optimizer steps.")
     keep_last_n_checkpoints: int = Field(2, gt=0)
-    save_best_by: Literal["loss", "acc", "f1"] = "f1"
+    save_best_by: Literal["loss", "acc", "f1", "knn_acc", "knn_f1"] = Field(
+        "f1", description="The validation metric that picks best/: knn_* (k-NN against the bank) for metric-only runs."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -211,6 +213,17 @@ class Config(_Section):
         """``checkpoints_dir/run_name``."""
         return Path(self.checkpointing.checkpoints_dir) / self.run_name
 
+    @model_validator(mode="after")
+    def _check_best_metric(self) -> Config:
+        key = self.checkpointing.save_best_by
+        if key.startswith("knn_") and self.metric_validation.keep_last_n_emb_steps == 0:
+            raise ValueError(f"checkpointing.save_best_by: {key!r} is computed against the embedding bank, which "
+                             "metric_validation.keep_last_n_emb_steps = 0 turns off; raise it or pick loss/acc/f1")
+        if key in ("acc", "f1") and self.training.classification_loss_weight == 0:
+            raise ValueError(f"checkpointing.save_best_by: {key!r} scores a classifier that "
+                             "training.classification_loss_weight = 0 never trains; pick knn_f1, knn_acc or loss")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain YAML-able data."""
         return self.model_dump(mode="json")
@@ -252,7 +265,10 @@ def _describe(err: dict[str, Any]) -> tuple[str, str]:
     if kind == "literal_error":
         return path, f"must be one of {ctx.get('expected')}, got {got!r}"
     if kind == "value_error":
-        return path, str(ctx.get("error", err["msg"]))
+        message = str(ctx.get("error", err["msg"]))
+        if not loc and ": " in message:  # a check across sections names its own key path
+            path, _, message = message.partition(": ")
+        return path, message
     if kind == "string_pattern_mismatch":
         return path, f"must match {ctx.get('pattern')} (letters, digits, '.', '_', '-'), got {got!r}"
     return path, f"{err['msg'][0].lower()}{err['msg'][1:]}, got {got!r}"

@@ -41,7 +41,7 @@ from metric_ds.losses import JointLoss
 from metric_ds.model import MetricClassifier, export_model, load_encoder
 from metric_ds.tracking import build_trackers
 
-GREATER_IS_BETTER = {"loss": False, "acc": True, "f1": True}
+GREATER_IS_BETTER = {"loss": False, "acc": True, "f1": True, "knn_acc": True, "knn_f1": True}
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 

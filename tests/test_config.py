@@ -102,6 +102,19 @@ def test_pk_needs_sizes_and_both_weights_zero():
     assert len(info.value.messages) == 2
 
 
+def test_best_metric_must_be_computable():
+    """knn_* needs the bank; acc/f1 need a trained classifier. Cross-section errors name the key path."""
+    with pytest.raises(UserError) as info:
+        validate_config(minimal(checkpointing={"save_best_by": "knn_f1"},
+                                metric_validation={"keep_last_n_emb_steps": 0}))
+    assert info.value.messages[0].startswith("config: checkpointing.save_best_by: 'knn_f1' is computed against")
+    with pytest.raises(UserError, match="checkpointing.save_best_by: 'f1' scores a classifier"):
+        validate_config(minimal(training={"classification_loss_weight": 0}))
+    cfg = validate_config(minimal(training={"classification_loss_weight": 0},
+                                  checkpointing={"save_best_by": "knn_f1"}))
+    assert cfg.checkpointing.save_best_by == "knn_f1"
+
+
 def test_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(minimal()))

@@ -79,6 +79,16 @@ def test_zero_stages_train_validate_export(tmp_path, tiny_model_dir, tiny_table,
     assert (run_dir / "config.yaml").is_file() and (run_dir / "summary.json").is_file()
 
 
+def test_metric_only_run_keeps_best_by_knn_f1(tmp_path, tiny_model_dir, tiny_table):
+    _, summary = run(tmp_path, tiny_model_dir, tiny_table, training__classification_loss_weight=0,
+                     checkpointing__save_best_by="knn_f1", training__max_steps=4, training__eval_every_n_steps=2)
+    vals = [r for r in records(Path(summary["run_dir"])) if "val/knn_f1" in r]
+    best = max(vals, key=lambda r: r["val/knn_f1"])  # the first of equals wins: later ones are not better
+    assert summary["best_metric"] == "val/knn_f1"
+    assert (summary["best_step"], summary["best_value"]) == (best["step"], best["val/knn_f1"])
+    assert (Path(summary["best_dir"]) / "heads.safetensors").is_file()
+
+
 def test_training_reduces_loss(tmp_path, tiny_model_dir, tiny_table):
     _, summary = run(tmp_path, tiny_model_dir, tiny_table, training__num_epochs=6, training__log_every_n_steps=9)
     recs = [r for r in records(Path(summary["run_dir"])) if "train/loss" in r]
