@@ -98,6 +98,9 @@ class OptimizerConfig(_Section):
     """AdamW."""
 
     learning_rate: float = Field(5e-5, gt=0)
+    head_learning_rate: float | None = Field(
+        None, gt=0, description="Peak lr of the new heads (classifier, projection); null: learning_rate."
+    )
     weight_decay: float = Field(0.01, ge=0)
 
 

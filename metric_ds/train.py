@@ -78,14 +78,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases and LayerNorm weights (as HF's Trainer does)."""
-    decay, no_decay = [], []
+def _param_groups(model: torch.nn.Module, weight_decay: float, head_lr: float | None = None) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases and LayerNorm weights (as HF's Trainer does); the heads, which
+    start from random weights while the encoder is pretrained, at their own peak lr when ``head_lr`` is set
+    (the scheduler scales every group's lr by the same factor)."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if p.requires_grad:
+            groups.setdefault((not name.startswith("encoder."), p.ndim >= 2), []).append(p)
+    out = []
+    for (is_head, decays), params in sorted(groups.items()):
+        group: dict[str, Any] = {"params": params, "weight_decay": weight_decay if decays else 0.0}
+        if is_head and head_lr is not None:
+            group["lr"] = head_lr
+        out.append(group)
+    return out
 
 
 def _scheduler_factory(cfg: Config, num_training_steps: int):
@@ -155,7 +162,8 @@ class Trainer:
         num_training_steps = cfg.scheduler.num_training_steps or self.total_steps
 
         self.engine, _, _, self.lr_scheduler = deepspeed.initialize(
-            model=model, model_parameters=_param_groups(model, cfg.optimizer.weight_decay),
+            model=model,
+            model_parameters=_param_groups(model, cfg.optimizer.weight_decay, cfg.optimizer.head_learning_rate),
             config=build_ds_config(cfg), lr_scheduler=_scheduler_factory(cfg, num_training_steps),
         )
         self.device = self.engine.device

@@ -89,6 +89,21 @@ def test_metric_only_run_keeps_best_by_knn_f1(tmp_path, tiny_model_dir, tiny_tab
     assert (Path(summary["best_dir"]) / "heads.safetensors").is_file()
 
 
+def test_heads_train_at_their_own_learning_rate(tmp_path, tiny_model_dir, tiny_table):
+    trainer = Trainer(validate_config(make_cfg(tmp_path, tiny_model_dir, tiny_table, model__projection_dim=8,
+                                               optimizer__head_learning_rate=0.02, scheduler__name="constant")))
+    heads = {id(p) for m in (trainer.engine.module.classifier, trainer.engine.module.projection)
+             for p in m.parameters()}
+    seen = set()
+    for group in trainer.engine.optimizer.param_groups:
+        ids = {id(p) for p in group["params"]}
+        assert ids <= heads or not ids & heads  # no group mixes heads and encoder
+        assert group["lr"] == (0.02 if ids <= heads else 1e-3)
+        assert group["weight_decay"] == (0.0 if all(p.ndim < 2 for p in group["params"]) else 0.01)
+        seen |= ids
+    assert seen == {id(p) for p in trainer.engine.module.parameters()}
+
+
 def test_training_reduces_loss(tmp_path, tiny_model_dir, tiny_table):
     _, summary = run(tmp_path, tiny_model_dir, tiny_table, training__num_epochs=6, training__log_every_n_steps=9)
     recs = [r for r in records(Path(summary["run_dir"])) if "train/loss" in r]
