@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "demo_runs" / "study"
 PY = sys.executable
+CONFIG = "configs/banking77.yaml"
 
 # name -> (prepare options, training overrides, description)
 STUDY = {
@@ -102,22 +103,60 @@ def linear_probe(model_dir: Path, train: Path, test: Path) -> dict[str, float]:
     return {"linear_accuracy": float(accuracy(yt, pred)), "linear_macro_f1": float(macro_f1(yt, pred))}
 
 
-def run_config(name: str, data_dir: Path, epochs: int | None, seed: int) -> dict:
+def check_same_run(name: str, run_dir: Path, sets: list[str], train: Path, test: Path) -> None:
+    """Refuse to adopt ``run_dir`` for ``name`` unless it trained the same config on the same data and was
+    evaluated on the same test table (so adopting it is the configuration's one test evaluation, not a pick)."""
+    import pandas as pd
+
+    from metric_ds.config import load_config
+
+    ignore = {"run_name": None, "checkpointing": {"checkpoints_dir": None}, "data": {"parquet_path": None}}
+
+    def strip(d: dict, drop: dict) -> dict:
+        return {k: (strip(v, drop[k]) if isinstance(drop.get(k), dict) else v) for k, v in d.items()
+                if not (k in drop and drop[k] is None)}
+
+    theirs = load_config(run_dir / "config.yaml")
+    ours = load_config(ROOT / CONFIG, sets)
+    def flat(d: dict, prefix: str = "") -> dict:
+        return {k2: v2 for k, v in d.items()
+                for k2, v2 in (flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}).items()}
+
+    a, b = flat(strip(theirs.to_dict(), ignore)), flat(strip(ours.to_dict(), ignore))
+    diff = [f"{k}: {a.get(k)!r} (run) vs {b.get(k)!r} (study)" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if diff:
+        raise SystemExit(f"--adopt {name}={run_dir}: its config differs from {CONFIG} with the study's overrides: "
+                         + "; ".join(diff))
+    used = json.loads((run_dir / "best" / "training_data.json").read_text())["train"]
+    if not pd.read_parquet(used).equals(pd.read_parquet(train)):
+        raise SystemExit(f"--adopt {name}={run_dir}: it trained on {used}, whose rows differ from {train}")
+    evaluated = json.loads((run_dir / "eval" / "test.json").read_text()).get("data")
+    if evaluated is None or not pd.read_parquet(evaluated).equals(pd.read_parquet(test)):
+        raise SystemExit(f"--adopt {name}={run_dir}: its eval/test.json is not an evaluation of {test}'s rows")
+
+
+def run_config(name: str, data_dir: Path, epochs: int | None, seed: int, adopt: Path | None = None) -> dict:
     prep, overrides, description = STUDY[name]
     train, test = prepare(data_dir, name, prep, seed)
     sets = [f"run_name={name}", f"checkpointing.checkpoints_dir={WORK}", f"data.parquet_path={train}",
             f"training.seed={seed}", *overrides]
     if epochs is not None and not any(o.startswith("training.num_epochs") for o in overrides):
         sets.append(f"training.num_epochs={epochs}")
-    start = time.time()
-    run([PY, "-m", "metric_ds", "train", "--config", "configs/banking77.yaml", *sum((["--set", s] for s in sets), [])])
-    train_s = time.time() - start
-    run_dir = WORK / name
-    ev_path = run_dir / "eval" / "test.json"
-    run([PY, "-m", "metric_ds", "evaluate", "--model", str(run_dir / "best"), "--data", str(test),
-         "--output", str(ev_path)])
+    if adopt is not None:
+        run_dir, ev_path = adopt, adopt / "eval" / "test.json"
+        check_same_run(name, run_dir, sets, train, test)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        train_s = summary["wall_time_s"]
+    else:
+        start = time.time()
+        run([PY, "-m", "metric_ds", "train", "--config", CONFIG, *sum((["--set", s] for s in sets), [])])
+        train_s = time.time() - start
+        run_dir = WORK / name
+        ev_path = run_dir / "eval" / "test.json"
+        run([PY, "-m", "metric_ds", "evaluate", "--model", str(run_dir / "best"), "--data", str(test),
+             "--output", str(ev_path)])
+        summary = json.loads((run_dir / "summary.json").read_text())
     ev = json.loads(ev_path.read_text())
-    summary = json.loads((run_dir / "summary.json").read_text())
     result = {"description": description, "overrides": sets, "prepare": prep, "train_wall_s": round(train_s, 1),
               "steps": summary["steps"], "best_metric": summary["best_metric"], "best_value": summary["best_value"],
               "best_step": summary["best_step"], "test_accuracy": ev.get("accuracy"),
@@ -197,7 +236,14 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=None, help="override training.num_epochs (not for fewshot_ce_only)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--force", action="store_true", help="re-run configurations already in the results")
+    p.add_argument("--adopt", nargs="+", default=[], metavar="NAME=RUN_DIR",
+                   help="record a finished, evaluated run (e.g. ce_supcon=demo_runs/banking77 from `make demo`) "
+                        "instead of training the same configuration again; refused unless its config and data match")
     args = p.parse_args()
+    adopt = {k: Path(v) for k, _, v in (a.partition("=") for a in args.adopt)}
+    unknown = set(adopt) - set(STUDY)
+    if unknown:
+        p.error(f"--adopt: unknown configuration(s) {sorted(unknown)}; choose from {list(STUDY)}")
     data_dir = Path(os.environ.get("BANKING77_DIR", ROOT.parent / "shared" / "data" / "banking77"))
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "banking77.json"
@@ -205,9 +251,11 @@ def main() -> None:
     results["_meta"] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
                         "torch": torch.__version__, "seed": args.seed}
     for name in args.only:
-        if name in results and not args.force:
+        if name in results and not args.force and name not in adopt:
             continue
-        results[name] = run_config(name, data_dir, args.epochs, args.seed)
+        results[name] = run_config(name, data_dir, args.epochs, args.seed, adopt.get(name))
+        if name in adopt:
+            results[name]["adopted_from"] = str(adopt[name].resolve())
         path.write_text(json.dumps(results, indent=2))
         (RESULTS / "banking77.md").write_text(render(results))
     (RESULTS / "banking77.md").write_text(render(results))

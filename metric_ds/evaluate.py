@@ -60,7 +60,8 @@ def evaluate(model_dir: str | Path, data: str | Path, bank_data: str | Path | No
     df = _encode(validate_frame(read_table(data), str(data)), label_map, str(data))
     out = embed_table(model, tokenizer, df, max_seq_length, batch_size)
     names = label_map.names
-    results: dict[str, Any] = {"model": str(model_dir), "data": str(data), "rows": len(df)}
+    # absolute paths: the JSON is read later from other working directories (the report, the study)
+    results: dict[str, Any] = {"model": str(model_dir.resolve()), "data": str(Path(data).resolve()), "rows": len(df)}
     cm = out["classifier_mask"].bool()
     if cm.any():
         y, p = out["labels"][cm], out["logits"][cm].argmax(1)
