@@ -117,19 +117,14 @@ def check_same_run(name: str, run_dir: Path, sets: list[str], train: Path, test:
 
     from metric_ds.config import load_config
 
-    ignore = {"run_name": None, "checkpointing": {"checkpoints_dir": None}, "data": {"parquet_path": None}}
+    ignore = {"run_name", "checkpointing.checkpoints_dir", "data.parquet_path"}  # where, not what
 
-    def strip(d: dict, drop: dict) -> dict:
-        return {k: (strip(v, drop[k]) if isinstance(drop.get(k), dict) else v) for k, v in d.items()
-                if not (k in drop and drop[k] is None)}
-
-    theirs = load_config(run_dir / "config.yaml")
-    ours = load_config(ROOT / CONFIG, sets)
     def flat(d: dict, prefix: str = "") -> dict:
         return {k2: v2 for k, v in d.items()
                 for k2, v2 in (flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}).items()}
 
-    a, b = flat(strip(theirs.to_dict(), ignore)), flat(strip(ours.to_dict(), ignore))
+    a = {k: v for k, v in flat(load_config(run_dir / "config.yaml").to_dict()).items() if k not in ignore}
+    b = {k: v for k, v in flat(load_config(ROOT / CONFIG, sets).to_dict()).items() if k not in ignore}
     diff = [f"{k}: {a.get(k)!r} (run) vs {b.get(k)!r} (study)" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     if diff:
         raise SystemExit(f"--adopt {name}={run_dir}: its config differs from {CONFIG} with the study's overrides: "
