@@ -81,7 +81,7 @@ def linear_probe(model_dir: Path, train: Path, test: Path) -> dict[str, float]:
     from metric_ds.data.io import read_table
     from metric_ds.data.labels import LabelMap
     from metric_ds.data.validation import validate_frame
-    from metric_ds.evaluate import embed_table
+    from metric_ds.commands.evaluate import embed_table
     from metric_ds.metrics import accuracy, macro_f1
     from metric_ds.model import load_exported
 

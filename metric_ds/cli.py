@@ -5,58 +5,9 @@ User errors print ``error: ...`` lines on stderr and exit 1 without a traceback 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
-import warnings
-from collections.abc import Callable
-from typing import Any
 
-from metric_ds.errors import EnvironmentProblem, UserError
-
-log = logging.getLogger("metric_ds")
-
-
-def _setup_console() -> None:
-    """Short ``warning: ...`` lines for our warnings and log messages, instead of file:line noise."""
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-
-    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
-        if "metric_ds" in filename or issubclass(category, (UserWarning, FutureWarning)):
-            print(f"warning: {message}", file=sys.stderr)
-
-    warnings.showwarning = show
-    for name in ("transformers", "torch.distributed", "DeepSpeed"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def run_guarded(fn: Callable[[], Any], debug: bool = False) -> int:
-    """Run ``fn``; turn user errors into ``error:`` lines and exit status 1."""
-    _setup_console()
-    try:
-        fn()
-    except UserError as exc:
-        if debug:
-            raise
-        for message in exc.messages:
-            print(f"error: {message}", file=sys.stderr)
-        return 1
-    except EnvironmentProblem as exc:
-        if debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
-
+from metric_ds.console import add_config_arguments, apply_local_rank, run_guarded
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from metric_ds.config import load_config
@@ -92,7 +43,7 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from metric_ds.evaluate import evaluate_command
+    from metric_ds.commands.evaluate import evaluate_command
 
     evaluate_command(args)
 
@@ -115,18 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show Python tracebacks for user errors")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def with_config(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--config", required=True, help="YAML config file")
-        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                        help="override a config key (repeatable), e.g. --set training.batch_size=16")
-        sp.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-
     sp = sub.add_parser("train", help="train a model from a YAML config")
-    with_config(sp)
+    add_config_arguments(sp)
     sp.set_defaults(fn=_cmd_train)
 
     sp = sub.add_parser("validate", help="check a config and the dataset it points to, and summarise the data")
-    with_config(sp)
+    add_config_arguments(sp)
     sp.set_defaults(fn=_cmd_validate)
 
     sp = sub.add_parser("prepare", help="convert a CSV/Parquet/JSONL table into metric_ds's format")
@@ -169,8 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "local_rank", None) is not None:
-        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    apply_local_rank(args)
     return run_guarded(lambda: args.fn(args), debug=args.debug)
 
 

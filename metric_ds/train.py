@@ -32,11 +32,12 @@ from metric_ds import distributed as D
 from metric_ds.bank import EmbeddingBank
 from metric_ds.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, write_atomic
 from metric_ds.config import Config, load_config, save_config
+from metric_ds.console import add_config_arguments, apply_local_rank, run_guarded
 from metric_ds.data.collate import Collator, TextDataset
 from metric_ds.data.pipeline import load_training_data
 from metric_ds.data.sampler import PKBatchSampler, RandomBatchSampler
 from metric_ds.ds_config import build_ds_config, check_precision
-from metric_ds.evaluation import ShardedBatches, collect_outputs, compute_metrics
+from metric_ds.evaluator import ShardedBatches, collect_outputs, compute_metrics
 from metric_ds.losses import JointLoss
 from metric_ds.model import MetricClassifier, export_model, load_encoder
 from metric_ds.tracking import build_trackers
@@ -420,20 +421,15 @@ def train_process(cfg: Config) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="metric-ds train", description="Train an encoder with CE + SupCon.")
-    p.add_argument("--config", required=True, help="YAML config file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="override a config key (repeatable), e.g. --set training.batch_size=16")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    add_config_arguments(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from metric_ds.cli import run_guarded
-
+    """The script entry (``deepspeed metric_ds/train.py``, ``torchrun -m metric_ds.train``)."""
     args = build_parser().parse_args(argv)
-    if args.local_rank is not None:
-        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    apply_local_rank(args)
     return run_guarded(lambda: train_process(load_config(args.config, args.overrides)), debug=args.debug)
 
 

@@ -19,7 +19,7 @@ from metric_ds.data.io import read_table
 from metric_ds.data.labels import LabelMap
 from metric_ds.data.validation import validate_frame
 from metric_ds.errors import UserError
-from metric_ds.evaluation import ShardedBatches, collect_outputs
+from metric_ds.evaluator import ShardedBatches, collect_outputs
 from metric_ds.metrics import accuracy, confusion_pairs, macro_f1, per_class_f1, retrieval_metrics
 from metric_ds.model import load_exported
 
