@@ -88,7 +88,7 @@ class EmbeddingBank:
         order = (torch.arange(self.capacity, device=self.device) + self.ptr) % self.capacity
         return order[self.steps[order] != _EMPTY]
 
-    def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def copy_live_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The live rows in insertion order (oldest first).
 
         Returns:
@@ -127,7 +127,7 @@ class EmbeddingBank:
             getattr(old, key).copy_(state[key])
         old.ptr, old.last_step = int(state["ptr"]), int(state["last_step"])
         self.__init__(self.capacity, self.z.shape[1], self.h.shape[1], self.keep, self.device)
-        oz, oh, olab, osteps = old.view()
+        oz, oh, olab, osteps = old.copy_live_rows()
         for s in torch.unique(osteps).tolist():  # ascending: oldest first
             rows = osteps == s
             self.add(oz[rows], oh[rows], olab[rows], s)
@@ -158,7 +158,7 @@ class EmbeddingBank:
             num_classes: number of classes of the task (labels are ``0 .. num_classes - 1``).
             current_step: the optimizer step the ages are measured at.
         """
-        z, h, labels, steps = self.view()
+        z, h, labels, steps = self.copy_live_rows()
         n = int(labels.numel())
         out: dict[str, float] = {"bank/size": float(n), "bank/classes_total": float(num_classes)}
         if n == 0:

@@ -3,11 +3,12 @@
 Layout under the run folder::
 
     checkpoints/step-N/ds/...                 DeepSpeed's model, optimizer and scheduler state
-    checkpoints/step-N/client_state_rankR.pt  our state: step, epoch, position, RNGs, sampler, bank, best so far
+    checkpoints/step-N/client_state_rankR.pt  our state: step, epoch, position in the epoch, RNGs, bank, best so far
     checkpoints/latest                        the name of the newest complete checkpoint, written last
     best/                                     HF-format export of the best model so far
 
-A save goes to ``checkpoints/.tmp-step-N`` and is renamed into place; ``latest`` moves only after that, so a
+The samplers keep no state of their own: an epoch's order is a function of the seed and the epoch, so the
+epoch and the position in it are enough to continue the same order. A save goes to ``checkpoints/.tmp-step-N`` and is renamed into place; ``latest`` moves only after that, so a
 crash mid-save leaves the previous checkpoint usable. Our files are read with ``torch.load(weights_only=True)``
 and so can hold only tensors and plain containers.
 """

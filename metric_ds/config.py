@@ -15,20 +15,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from metric_ds.ds_config import OWNED_KEYS
 from metric_ds.errors import UserError
 
-# Keys that our own config sets in the DeepSpeed config; the passthrough section may not set them too.
-_DS_OWNED = {
-    "train_micro_batch_size_per_gpu": "training.batch_size",
-    "train_batch_size": "training.batch_size and training.gradient_accumulation_steps",
-    "gradient_accumulation_steps": "training.gradient_accumulation_steps",
-    "gradient_clipping": "training.gradient_clip_val",
-    "fp16": "training.mixed_precision",
-    "bf16": "training.mixed_precision",
-    "optimizer": "optimizer.*",
-    "scheduler": "scheduler.*",
-    "zero_optimization.stage": "deepspeed.zero_stage",
-}
 
 
 class _Section(BaseModel):
@@ -119,7 +108,9 @@ class CheckpointingConfig(_Section):
     """Where runs go and what is kept."""
 
     checkpoints_dir: str = "runs"
-    save_every_n_batches: int | None = Field(None, gt=0, description="Periodic checkpoint every N optimizer steps.")
+    save_every_n_batches: int | None = Field(
+        None, gt=0, description="Periodic checkpoint every N optimizer steps (not micro-batches: the name is kept "
+                                "for existing configs).")
     keep_last_n_checkpoints: int = Field(2, gt=0)
     save_best_by: Literal["loss", "acc", "f1", "knn_acc", "knn_f1"] = Field(
         "f1", description="The validation metric that picks best/: knn_* (k-NN against the bank) for metric-only runs."
@@ -186,7 +177,7 @@ class DeepSpeedConfig(_Section):
     @classmethod
     def _no_conflicts(cls, raw: dict[str, Any]) -> dict[str, Any]:
         clashes = []
-        for key, ours in _DS_OWNED.items():
+        for key, ours in OWNED_KEYS.items():
             head, _, tail = key.partition(".")
             if head in raw and (not tail or (isinstance(raw[head], dict) and tail in raw[head])):
                 clashes.append(f"'{key}' is set by {ours}")

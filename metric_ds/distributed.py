@@ -48,6 +48,21 @@ def ensure_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
+def init_process_group() -> None:
+    """Join the process group the launcher described (or form a one-process group), once per process.
+
+    The one place that picks the backend and the device: NCCL with this process's GPU (``LOCAL_RANK``) where
+    CUDA is available, gloo otherwise. Idempotent, so in-process callers may train several times.
+    """
+    import deepspeed
+
+    ensure_env()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if not is_dist():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+
+
 def shutdown() -> None:
     """End this process's part in the process group: wait for every rank, then destroy the group.
 

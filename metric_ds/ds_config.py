@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from metric_ds.config import Config
 from metric_ds.errors import UserError
+
+if TYPE_CHECKING:
+    from metric_ds.config import Config
 
 
 def check_precision(cfg: Config) -> None:
@@ -29,25 +32,44 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _set(ds: dict[str, Any], path: str, value: Any) -> None:
+    head, _, tail = path.partition(".")
+    if tail:
+        _set(ds.setdefault(head, {}), tail, value)
+    else:
+        ds[head] = value
+
+
+def _optimizer(cfg: Config) -> dict[str, Any]:
+    # torch's AdamW: DeepSpeed's fused CPU/CUDA Adam would need a JIT build on first use.
+    return {"type": "AdamW", "params": {"lr": cfg.optimizer.learning_rate, "weight_decay": cfg.optimizer.weight_decay,
+                                        "torch_adam": True}}
+
+
+# The DeepSpeed keys our config decides: (DeepSpeed key path, our key that sets it, its value or None where
+# DeepSpeed derives it or we pass an object instead). The one table of them: the builder writes these and the
+# config refuses them in the passthrough ``deepspeed.config``.
+_OWNED: tuple[tuple[str, str, Callable[[Config], Any] | None], ...] = (
+    ("train_micro_batch_size_per_gpu", "training.batch_size", lambda c: c.training.batch_size),
+    ("train_batch_size", "training.batch_size and training.gradient_accumulation_steps", None),
+    ("gradient_accumulation_steps", "training.gradient_accumulation_steps",
+     lambda c: c.training.gradient_accumulation_steps),
+    ("gradient_clipping", "training.gradient_clip_val", lambda c: c.training.gradient_clip_val),
+    ("fp16", "training.mixed_precision", lambda c: {"enabled": c.training.mixed_precision == "fp16"}),
+    ("bf16", "training.mixed_precision", lambda c: {"enabled": c.training.mixed_precision == "bf16"}),
+    ("optimizer", "optimizer.*", _optimizer),
+    ("scheduler", "scheduler.*", None),  # our transformers scheduler is passed to deepspeed.initialize
+    ("zero_optimization.stage", "deepspeed.zero_stage", lambda c: c.deepspeed.zero_stage),
+)
+OWNED_KEYS: dict[str, str] = {path: ours for path, ours, _ in _OWNED}
+
+
 def build_ds_config(cfg: Config) -> dict[str, Any]:
     """The DeepSpeed config for ``cfg`` (the passthrough ``deepspeed.config`` merged last)."""
-    t = cfg.training
-    ds: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": t.batch_size,
-        "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "gradient_clipping": t.gradient_clip_val,
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
-        "optimizer": {
-            # torch's AdamW: DeepSpeed's fused CPU/CUDA Adam would need a JIT build on first use.
-            "type": "AdamW",
-            "params": {"lr": cfg.optimizer.learning_rate, "weight_decay": cfg.optimizer.weight_decay,
-                       "torch_adam": True},
-        },
-        "bf16": {"enabled": t.mixed_precision == "bf16"},
-        "fp16": {"enabled": t.mixed_precision == "fp16"},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
+    ds: dict[str, Any] = {"steps_per_print": 10**9, "wall_clock_breakdown": False}
+    for path, _, value in _OWNED:
+        if value is not None:
+            _set(ds, path, value(cfg))
     if not torch.cuda.is_available() and cfg.deepspeed.zero_stage > 0:
         ds["zero_optimization"].setdefault("overlap_comm", False)
     return _merge(ds, cfg.deepspeed.config)

@@ -15,6 +15,7 @@ import torch
 from metric_ds import distributed as D
 from metric_ds import ops
 from metric_ds.metrics import accuracy, macro_f1, retrieval_metrics
+from metric_ds.model import model_inputs
 
 OUTPUT_KEYS = ("logits", "h", "z", "labels", "classifier_mask", "metric_mask", "index")
 
@@ -57,8 +58,7 @@ def collect_outputs(module: torch.nn.Module, batches: Iterable[dict[str, torch.T
     for batch in batches:
         empty = batch["index"].numel() == 0
         run = dummy if empty else batch
-        out = module(**{k: v.to(device) for k, v in run.items()
-                        if k in ("input_ids", "attention_mask", "token_type_ids")})
+        out = module(**model_inputs(run, device))
         if empty:
             continue
         parts["logits"].append(out.logits.float())

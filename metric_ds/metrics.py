@@ -26,11 +26,21 @@ Scores and sums accumulate in fp32 or fp64; bf16 inputs are upcast first.
 """
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+_LOWER_IS_BETTER = re.compile(r"(^|_)(loss|ce|supcon|time|time_s|age)$")
+
+
+def lower_is_better(name: str) -> bool:
+    """Whether smaller is better for a metric name, with or without its prefix (losses, times, ages); every
+    other metric (accuracy, F1, recall, ...) is better when larger. The one table of this fact: the best
+    checkpoint and the report both read it."""
+    return bool(_LOWER_IS_BETTER.search(name.rsplit("/", 1)[-1]))
 
 # ------------------------------------------------------------------------------------------ classification
 
@@ -215,7 +225,7 @@ def retrieval_metrics(query_z: torch.Tensor, query_h: torch.Tensor, query_labels
                          f"{list(recall_at_k)} and {knn_k}")
     if distance not in ("cos", "l2"):
         raise ValueError(f"distance must be 'cos' or 'l2', got {distance!r}")
-    db_z, db_h, db_labels = bank if isinstance(bank, tuple) else bank.view()[:3]
+    db_z, db_h, db_labels = bank if isinstance(bank, tuple) else bank.copy_live_rows()[:3]
     if db_labels.numel() == 0:
         if not _warned_empty:
             warnings.warn("the embedding bank is empty: retrieval metrics are skipped", stacklevel=2)

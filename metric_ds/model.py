@@ -22,6 +22,7 @@ from torch import nn
 
 from metric_ds.errors import UserError
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 HEADS_WEIGHTS = "heads.safetensors"
 HEADS_META = "heads.json"
 
@@ -81,6 +82,11 @@ def load_encoder(model_name: str | None, attn_implementation: str = "sdpa") -> t
     except (OSError, ValueError) as exc:
         raise UserError(f"model_name: could not load {path!r} offline: {exc}") from None
     return encoder, tokenizer
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """The keys of a collated batch that :meth:`MetricClassifier.forward` takes (moved to ``device`` if given)."""
+    return {k: (batch[k] if device is None else batch[k].to(device)) for k in MODEL_INPUTS if k in batch}
 
 
 @dataclass

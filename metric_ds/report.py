@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from metric_ds.errors import EnvironmentProblem, UserError
+from metric_ds.metrics import lower_is_better
 
 _LOSS_SUFFIX = re.compile(r"^(loss|ce|supcon|.*_loss)$")
-_LOWER_IS_BETTER = re.compile(r"(^|_)(loss|ce|supcon|time|time_s|age)$")
 _RECALL = re.compile(r"^val/recall@(\d+)$")
 _DPI = 110
 _PLOT_FILES = ("loss.png", "lr.png", "val_*.png", "bank.png", "train_diagnostics.png", "other.png",
@@ -151,11 +151,6 @@ def load_evaluation(path: str | Path) -> Evaluation:
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object as written by `metric-ds evaluate`")
     return Evaluation(path, data)
-
-
-def lower_is_better(name: str) -> bool:
-    """Whether smaller is better for a metric name (losses, times, ages)."""
-    return bool(_LOWER_IS_BETTER.search(name.rsplit("/", 1)[-1]))
 
 
 def metrics_table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

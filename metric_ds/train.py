@@ -39,11 +39,10 @@ from metric_ds.data.sampler import PKBatchSampler, RandomBatchSampler
 from metric_ds.ds_config import build_ds_config, check_precision
 from metric_ds.evaluator import ShardedBatches, collect_outputs, compute_metrics
 from metric_ds.losses import JointLoss
-from metric_ds.model import MetricClassifier, export_model, load_encoder
+from metric_ds.metrics import lower_is_better
+from metric_ds.model import MetricClassifier, export_model, load_encoder, model_inputs
 from metric_ds.tracking import build_trackers
 
-GREATER_IS_BETTER = {"loss": False, "acc": True, "f1": True, "knn_acc": True, "knn_f1": True}
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 @dataclass
@@ -133,7 +132,6 @@ class Trainer:
     def __init__(self, cfg: Config):
         import deepspeed
 
-        D.ensure_env()
         check_precision(cfg)
         self.cfg = cfg
         t = cfg.training
@@ -144,13 +142,9 @@ class Trainer:
         encoder, self.tokenizer = load_encoder(cfg.model_name, t.attention_implementation)
         model = MetricClassifier(encoder, self.label_map.num_classes, cfg.model.pooling,
                                  cfg.model.projection_dim, cfg.model.classifier_dropout)
-        if not D.is_dist():
-            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                       verbose=False)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        D.init_process_group()
 
-        collator = Collator(self.tokenizer, t.max_seq_length)
+        collator = Collator(self.tokenizer)
         self.collator = collator
         self.train_ds = TextDataset.from_frame(self.data.train, self.tokenizer, t.max_seq_length)
         self.val_ds = TextDataset.from_frame(self.data.val, self.tokenizer, t.max_seq_length)
@@ -230,15 +224,15 @@ class Trainer:
             )
             for batch in loader:
                 batch = _to_device(batch, self.device)
-                out = self.engine(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
+                out = self.engine(**model_inputs(batch))
                 terms = self.loss_fn(out.logits, out.z, batch["labels"], batch["classifier_mask"],
                                      batch["metric_mask"])
                 boundary = self.engine.is_gradient_accumulation_boundary()
-                self.engine.backward(terms["loss"])
+                self.engine.backward(terms["backward_loss"])
                 manual_norm = self._grad_norm_before_step() if boundary else None
                 self.engine.step()
                 st.batch_in_epoch += 1
-                n_global = int(D.all_reduce_sum(torch.tensor(batch["index"].numel())).item())
+                n_global = int(terms["rows"])
                 st.samples_seen += n_global
                 window_samples += n_global
                 window_micro += 1
@@ -320,7 +314,7 @@ class Trainer:
         """A hash of the bank (in order) and of the last validation record, from every rank."""
         h = hashlib.sha256()
         if self.bank is not None:
-            for t in self.bank.view():
+            for t in self.bank.copy_live_rows():
                 h.update(t.detach().cpu().contiguous().numpy().tobytes())
         mine = {"bank": h.hexdigest()[:16],
                 "val": hashlib.sha256(json.dumps(self.last_val, sort_keys=True).encode()).hexdigest()[:16]}
@@ -366,7 +360,7 @@ class Trainer:
         value = metrics.get(key)
         if value is not None and not math.isnan(value):
             better = (self.state.best_value is None or
-                      (value > self.state.best_value if GREATER_IS_BETTER[key] else value < self.state.best_value))
+                      (value < self.state.best_value if lower_is_better(key) else value > self.state.best_value))
             if better:
                 self.state.best_value, self.state.best_step = value, self.state.global_step
                 self._export_best(record)

@@ -48,8 +48,7 @@ def main() -> None:
     import deepspeed
     from transformers import AutoModel
 
-    D.ensure_env()
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    D.init_process_group()
     sizes = [int(s) for s in args.sizes.split(",")]
     n = sum(sizes)
     w, r = D.world_size(), D.rank()
@@ -79,7 +78,7 @@ def main() -> None:
     loss_fn = JointLoss(1.0, 1.0, 0.1, args.impl, args.scope)
     out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     terms = loss_fn(out.logits, out.z, batch["labels"], batch["classifier_mask"], batch["metric_mask"])
-    engine.backward(terms["loss"])
+    engine.backward(terms["backward_loss"])
     engine.step()
     module = engine.module
     if args.stage == 3:
@@ -88,7 +87,7 @@ def main() -> None:
     else:
         params = {k: v.detach().clone() for k, v in module.named_parameters()}
     if r == 0:
-        torch.save({"terms": {k: float(v) for k, v in terms.items() if k != "loss"}, "params": params}, args.out)
+        torch.save({"terms": {k: float(v) for k, v in terms.items() if k != "backward_loss"}, "params": params}, args.out)
     D.shutdown()
 
 

@@ -23,14 +23,14 @@ class OracleBank:
         self.last = max(self.last, step)
         self.rows = [r for r in self.rows if self.last - r[3] < self.keep]
 
-    def view(self):
+    def copy_live_rows(self):
         return (np.array([r[0] for r in self.rows]), np.array([r[1] for r in self.rows]),
                 np.array([r[2] for r in self.rows]), np.array([r[3] for r in self.rows]))
 
 
 def assert_same(bank: EmbeddingBank, oracle: OracleBank) -> None:
-    z, h, y, s = bank.view()
-    ez, eh, ey, es = oracle.view()
+    z, h, y, s = bank.copy_live_rows()
+    ez, eh, ey, es = oracle.copy_live_rows()
     assert len(bank) == len(oracle.rows) == z.shape[0]
     if oracle.rows:
         np.testing.assert_array_equal(z.cpu().numpy(), ez)
@@ -68,25 +68,25 @@ def test_eviction_by_age_and_explicit():
     bank = EmbeddingBank(capacity=100, z_dim=2, h_dim=2, keep_last_n_steps=2)
     for step in range(3):
         bank.add(torch.full((3, 2), float(step)), torch.zeros(3, 2), torch.tensor([0, 1, 2]), step)
-    assert bank.view()[3].tolist() == [1, 1, 1, 2, 2, 2]  # step 0 is 2 steps older than step 2: gone
+    assert bank.copy_live_rows()[3].tolist() == [1, 1, 1, 2, 2, 2]  # step 0 is 2 steps older than step 2: gone
     bank.add(torch.zeros(0, 2), torch.zeros(0, 2), torch.zeros(0, dtype=torch.long), 3)  # a step with no rows
-    assert bank.view()[3].tolist() == [2, 2, 2]
+    assert bank.copy_live_rows()[3].tolist() == [2, 2, 2]
     bank.evict_older_than(3)
-    assert len(bank) == 0 and bank.view()[0].shape == (0, 2)
+    assert len(bank) == 0 and bank.copy_live_rows()[0].shape == (0, 2)
 
 
 def test_add_larger_than_capacity_keeps_the_last_rows():
     bank = EmbeddingBank(capacity=4, z_dim=1, h_dim=1, keep_last_n_steps=5)
     bank.add(torch.arange(3.0)[:, None], torch.zeros(3, 1), torch.zeros(3, dtype=torch.long), 0)
     bank.add(torch.arange(10.0, 16.0)[:, None], torch.zeros(6, 1), torch.zeros(6, dtype=torch.long), 1)
-    assert bank.view()[0][:, 0].tolist() == [12.0, 13.0, 14.0, 15.0]
+    assert bank.copy_live_rows()[0][:, 0].tolist() == [12.0, 13.0, 14.0, 15.0]
 
 
 def test_add_detaches_casts_and_checks_shapes():
     bank = EmbeddingBank(capacity=4, z_dim=2, h_dim=3, keep_last_n_steps=1)
     z = torch.randn(2, 2, requires_grad=True)
     bank.add(z.bfloat16(), torch.randn(2, 3).bfloat16(), torch.tensor([1, 0], dtype=torch.int32), 0)
-    vz, vh, vy, _ = bank.view()
+    vz, vh, vy, _ = bank.copy_live_rows()
     assert not vz.requires_grad and vz.dtype == vh.dtype == torch.float32 and vy.dtype == torch.long
     torch.testing.assert_close(vz, z.detach().bfloat16().float())
     with pytest.raises(ValueError, match="h \\(n, 3\\)"):
@@ -115,7 +115,7 @@ def test_state_dict_round_trip_resumes_exactly(tmp_path, split_step):
             resumed.add(z, h, y, step)
             oracle.add(z.numpy(), h.numpy(), y.numpy(), step)
             assert_same(resumed, oracle)
-    for a, b in zip(resumed.view(), bank.view(), strict=True):
+    for a, b in zip(resumed.copy_live_rows(), bank.copy_live_rows(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -126,10 +126,10 @@ def test_load_into_another_capacity_keeps_the_newest_young_rows(new_capacity, ne
     feed(bank, OracleBank(12, 3), rng, range(6), 4)
     resized = EmbeddingBank(new_capacity, 3, 5, new_keep)
     resized.load_state_dict(bank.state_dict())
-    z, h, y, s = bank.view()
+    z, h, y, s = bank.copy_live_rows()
     young = s > bank.last_step - new_keep
     expected = [t[young][-new_capacity:] for t in (z, h, y, s)]
-    for a, b in zip(resized.view(), expected, strict=True):
+    for a, b in zip(resized.copy_live_rows(), expected, strict=True):
         assert torch.equal(a, b)
 
 

@@ -110,7 +110,7 @@ def test_validation_file_with_unseen_labels_and_a_type_hint(tmp_path):
         load_training_data(_cfg(tp, data={"val_parquet_path": str(vp)}))
     (msg,) = info.value.messages
     assert msg.startswith(f"{vp}: validation labels not in the training data ({tp}): 0, 1, 2, 7")
-    assert "the training labels are ints" in msg
+    assert "the known labels are ints" in msg
 
 
 def test_validation_file_used_as_is_and_balance_only_on_train(tmp_path):

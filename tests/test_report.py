@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from metric_ds.errors import UserError
+from metric_ds.metrics import lower_is_better
 from metric_ds.report import (
     build_report,
     find_evaluations,
-    lower_is_better,
     metrics_table,
     read_records,
     series,

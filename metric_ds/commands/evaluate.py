@@ -16,7 +16,7 @@ import yaml
 
 from metric_ds.data.collate import Collator, TextDataset
 from metric_ds.data.io import read_table
-from metric_ds.data.labels import LabelMap
+from metric_ds.data.labels import LabelMap, unseen_labels
 from metric_ds.data.validation import validate_frame
 from metric_ds.errors import UserError
 from metric_ds.evaluator import ShardedBatches, collect_outputs
@@ -25,12 +25,9 @@ from metric_ds.model import load_exported
 
 
 def _encode(df: Any, label_map: LabelMap, source: str) -> Any:
-    known = set(label_map.names)
-    unknown = sorted({str(v) for v in df["label"].unique() if v not in known}, key=str)
-    if unknown:
-        raise UserError(f"{source}: labels unknown to the model: {', '.join(unknown[:10])}"
-                        f"{' ...' if len(unknown) > 10 else ''}. Evaluate on data with the model's classes "
-                        "(see labels.json in the model folder)")
+    unseen = unseen_labels(df["label"].unique(), label_map, f"{source}: labels unknown to the model")
+    if unseen:
+        raise UserError(f"{unseen}. Evaluate on data with the model's classes (see labels.json in the model folder)")
     df = df.copy()
     df["label_id"] = label_map.encode(df["label"])
     return df
@@ -40,7 +37,7 @@ def embed_table(model: torch.nn.Module, tokenizer: Any, df: Any, max_seq_length:
                 ) -> dict[str, torch.Tensor]:
     """Run the model over every row of a validated, encoded table (row order kept)."""
     dataset = TextDataset.from_frame(df, tokenizer, max_seq_length)
-    collator = Collator(tokenizer, max_seq_length)
+    collator = Collator(tokenizer)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=ShardedBatches(len(dataset), batch_size),
                                          collate_fn=collator)
     return collect_outputs(model, loader, torch.device("cpu"))

@@ -61,12 +61,10 @@ class TextDataset(torch.utils.data.Dataset):
 class Collator:
     """Pads a list of rows to the longest in the batch (not to ``max_seq_length``).
 
-    Rows are :class:`TextDataset` items; a row with ``text`` instead of ``input_ids`` is tokenised here, with
-    truncation to ``max_seq_length``.
+    Rows are :class:`TextDataset` items, tokenised (and truncated) once when the dataset was built.
 
     Args:
         tokenizer: a Hugging Face tokenizer (its ``pad_token_id`` pads).
-        max_seq_length: truncation length for rows given as text.
 
     Returns:
         (from ``__call__``) ``input_ids``, ``attention_mask`` (and ``token_type_ids`` if the rows have them):
@@ -74,19 +72,10 @@ class Collator:
         ``classifier_mask``: (B,) bool.
     """
 
-    def __init__(self, tokenizer: Any, max_seq_length: int):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer: Any):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.max_seq_length = max_seq_length
-
-    def _tokenise(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        enc = self.tokenizer([r["text"] for r in rows], truncation=True, max_length=self.max_seq_length,
-                             return_attention_mask=False)
-        return [{**r, **{k: enc[k][i] for k in _TOKEN_KEYS if k in enc}} for i, r in enumerate(rows)]
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        if rows and "input_ids" not in rows[0]:
-            rows = self._tokenise(rows)
         n = len(rows)
         length = max((len(r["input_ids"]) for r in rows), default=1)
         ids = torch.full((n, length), self.pad_id, dtype=torch.int64)

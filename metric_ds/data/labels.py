@@ -9,8 +9,28 @@ from typing import Any
 import numpy as np
 
 
-def _native(v: Any) -> Any:
+def native(v: Any) -> Any:
+    """A NumPy scalar as the Python value it holds (labels and cells compare and print as users wrote them)."""
     return v.item() if isinstance(v, np.generic) else v
+
+
+def unseen_labels(values: Iterable[Any], label_map: LabelMap, what: str) -> str | None:
+    """The message for labels of a table that ``label_map`` does not know, or None when it knows them all.
+
+    Args:
+        values: the table's labels.
+        label_map: the known labels (of the training data, or of a trained model).
+        what: the start of the message, naming the file and where the known labels come from, e.g.
+            ``"val.csv: validation labels not in the training data (train.csv)"``.
+    """
+    unseen = sorted({native(v) for v in values if v not in label_map}, key=str)
+    if not unseen:
+        return None
+    hint = ""
+    kinds = {type(v).__name__ for v in unseen} | {type(n).__name__ for n in label_map.names}
+    if len(kinds) > 1:
+        hint = f" (the known labels are {type(label_map.names[0]).__name__}s, these are not)"
+    return f"{what}: {', '.join(map(str, unseen[:10]))}{' ...' if len(unseen) > 10 else ''}{hint}"
 
 
 class LabelMap:
@@ -24,7 +44,7 @@ class LabelMap:
     """
 
     def __init__(self, names: Iterable[Any]):
-        self.names: list[Any] = [_native(n) for n in names]
+        self.names: list[Any] = [native(n) for n in names]
         self._index = {name: i for i, name in enumerate(self.names)}
         if len(self._index) != len(self.names):
             raise ValueError("LabelMap: label names must be distinct")
@@ -36,7 +56,7 @@ class LabelMap:
         Raises:
             ValueError: labels of mixed types (validate the table first: it names the rows).
         """
-        distinct = {_native(v) for v in labels}
+        distinct = {native(v) for v in labels}
         try:
             return cls(sorted(distinct))
         except TypeError:
@@ -51,7 +71,7 @@ class LabelMap:
         return len(self.names)
 
     def __contains__(self, label: Any) -> bool:
-        return _native(label) in self._index
+        return native(label) in self._index
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, LabelMap) and self.names == other.names
@@ -66,7 +86,7 @@ class LabelMap:
         Raises:
             KeyError: naming the labels outside the map (callers that take user data check first).
         """
-        labels = [_native(v) for v in labels]
+        labels = [native(v) for v in labels]
         try:
             return np.fromiter((self._index[v] for v in labels), dtype=np.int64, count=len(labels))
         except KeyError:

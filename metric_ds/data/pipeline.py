@@ -14,7 +14,7 @@ import pandas as pd
 
 from metric_ds.data.balance import balance_indices
 from metric_ds.data.io import load_frame
-from metric_ds.data.labels import LabelMap
+from metric_ds.data.labels import LabelMap, unseen_labels
 from metric_ds.data.notices import warn
 from metric_ds.data.split import stratified_split
 from metric_ds.data.validation import validate_frame
@@ -51,19 +51,6 @@ def _load(obj: str | Path | pd.DataFrame, source: str, problems: list[str], warn
         return None
 
 
-def _unseen_labels(val: pd.DataFrame, label_map: LabelMap, val_src: str, train_src: str) -> str | None:
-    unseen = sorted({v for v in val["label"].tolist() if v not in label_map}, key=str)
-    if not unseen:
-        return None
-    hint = ""
-    kinds = {type(v).__name__ for v in unseen} | {type(n).__name__ for n in label_map.names}
-    if len(kinds) > 1:
-        hint = f" (the training labels are {type(label_map.names[0]).__name__}s, these are not)"
-    return (f"{val_src}: validation labels not in the training data ({train_src}): "
-            f"{', '.join(map(str, unseen[:10]))}{' ...' if len(unseen) > 10 else ''}{hint}; the classifier "
-            "cannot predict them. Remove those rows or add training rows")
-
-
 def build_training_data(frame: str | Path | pd.DataFrame, *, val_frame: str | Path | pd.DataFrame | None = None,
                         val_ratio: float = 0.1, seed: int = 0, upsample: int | None = None,
                         downsample: int | None = None, batch_size: int = 1,
@@ -97,9 +84,10 @@ def build_training_data(frame: str | Path | pd.DataFrame, *, val_frame: str | Pa
     label_map = LabelMap.from_labels(df["label"])
     df["label_id"] = label_map.encode(df["label"])
     if val is not None:
-        unseen = _unseen_labels(val, label_map, val_src, train_src)
+        unseen = unseen_labels(val["label"], label_map,
+                               f"{val_src}: validation labels not in the training data ({train_src})")
         if unseen:
-            problems.append(unseen)
+            problems.append(f"{unseen}; the classifier cannot predict them. Remove those rows or add training rows")
         else:
             val["label_id"] = label_map.encode(val["label"])
         train = df

@@ -10,16 +10,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from metric_ds.data.labels import native
 from metric_ds.data.notices import warn
 from metric_ds.errors import UserError, format_rows
 
 REQUIRED = ("text", "label", "metric_mask", "classifier_mask")
 MASKS = ("metric_mask", "classifier_mask")
 _MASK_STRINGS = {"0": 0, "1": 1, "true": 1, "false": 0}
-
-
-def _native(v: object) -> object:
-    return v.item() if isinstance(v, np.generic) else v
 
 
 def _is_null(v: object) -> bool:
@@ -140,7 +137,7 @@ def validate_frame(df: pd.DataFrame, source: str, warnings_out: list[str] | None
         if nulls:
             problems.append(f"{source}: column {col}: null values in {format_rows(nulls)}; use 0 or 1")
         if bad:
-            shown = ", ".join(repr(_native(df[col].iloc[i])) for i in bad[:3])
+            shown = ", ".join(repr(native(df[col].iloc[i])) for i in bad[:3])
             problems.append(f"{source}: column {col}: values outside {{0, 1, True, False}} ({shown}) in "
                             f"{format_rows(bad)}; use 0 or 1")
         masks[col] = values

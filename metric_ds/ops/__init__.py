@@ -80,7 +80,9 @@ def supcon_loss(
 
 
 class SupConLoss(torch.nn.Module):
-    """``nn.Module`` wrapper of :func:`supcon_loss`.
+    """``nn.Module`` wrapper of :func:`supcon_loss`, for users who plug the op into their own training code as
+    they would a pytorch-metric-learning loss (``loss_fn(z, labels)``). metric_ds's own loop calls
+    :func:`supcon_loss` through :class:`metric_ds.losses.JointLoss`; this class is public API, not dead code.
 
     Args:
         temperature: tau.

@@ -51,6 +51,26 @@ def resolve_anchors(m: int, anchor_start: int, anchor_count: int | None) -> int:
     return anchor_count
 
 
+def positives_per_row(labels: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
+    """:math:`|P(i)|` for every row of a contrast set: how many other rows share its label.
+
+    Args:
+        labels: int64 class of each row, in ``[0, num_classes)``.
+        num_classes: the number of classes where the caller knows it: the counts are then built with a
+            fixed-size scatter, with no host-device synchronisation (``bincount`` must read the largest label).
+
+    Shape:
+        labels: (m,). Returns (m,) int64.
+    """
+    if labels.numel() == 0:
+        return labels.new_zeros(0)
+    if num_classes is None:
+        per_class = torch.bincount(labels)
+    else:
+        per_class = labels.new_zeros(num_classes).index_add_(0, labels, torch.ones_like(labels))
+    return per_class[labels] - 1
+
+
 def supcon_loss_reference(
     z: torch.Tensor,
     labels: torch.Tensor,
@@ -92,7 +112,7 @@ def supcon_loss_reference(
     logits = logits.masked_fill(self_mask, _MASKED)
     lse = torch.logsumexp(logits, dim=1)
     pos = (labels[anchor_start:anchor_start + n, None] == labels[None, :]) & ~self_mask
-    num_pos = pos.sum(dim=1)
+    num_pos = positives_per_row(labels)[anchor_start:anchor_start + n]
     valid = num_pos > 0
     mean_pos_logit = (logits * pos).sum(dim=1) / num_pos.clamp_min(1)
     per_anchor = torch.where(valid, lse - mean_pos_logit, torch.zeros_like(lse))
