@@ -151,7 +151,7 @@ def run_config(name: str, data_dir: Path, epochs: int | None, seed: int, adopt: 
         train_s = summary["wall_time_s"]
     else:
         start = time.time()
-        run([PY, "-m", "metric_ds", "train", "--config", CONFIG, *sum((["--set", s] for s in sets), [])])
+        run([PY, "-m", "metric_ds", "train", "--overwrite", "--config", CONFIG, *sum((["--set", s] for s in sets), [])])
         train_s = time.time() - start
         run_dir = WORK / name
         ev_path = run_dir / "eval" / "test.json"

@@ -7,25 +7,21 @@ from __future__ import annotations
 import argparse
 import sys
 
-from metric_ds.console import add_config_arguments, apply_local_rank, run_guarded
+from metric_ds.console import add_config_arguments, add_train_arguments, apply_local_rank, config_from_args, run_guarded
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from metric_ds.config import load_config
     from metric_ds.train import train_process
 
-    train_process(load_config(args.config, args.overrides))
+    train_process(config_from_args(args))
 
 
 def _cmd_validate(args: argparse.Namespace) -> None:
-    from metric_ds.config import load_config
     from metric_ds.data.pipeline import load_training_data
     from metric_ds.data.summary import format_summary, summarize
-    from metric_ds.ds_config import check_precision
-    from metric_ds.model import resolve_model_name
+    from metric_ds.preflight import preflight
 
-    cfg = load_config(args.config, args.overrides)
-    check_precision(cfg)
-    resolve_model_name(cfg.model_name)
+    cfg = config_from_args(args)
+    preflight(cfg)
     data = load_training_data(cfg)
     print(format_summary(summarize(data, cfg)))
     print("ok: config and data are valid")
@@ -67,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     sp = sub.add_parser("train", help="train a model from a YAML config")
-    add_config_arguments(sp)
+    add_train_arguments(sp)
     sp.set_defaults(fn=_cmd_train)
 
     sp = sub.add_parser("validate", help="check a config and the dataset it points to, and summarise the data")

@@ -10,18 +10,40 @@ from __future__ import annotations
 import difflib
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from metric_ds.ds_config import OWNED_KEYS
 from metric_ds.errors import UserError
 
 
+def _is_number_type(annotation: Any) -> bool:
+    """int or float (optionally with None), where a YAML ``true``/``yes`` must not pass for 1."""
+    args = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    args = tuple(a for a in args if a is not type(None))
+    return bool(args) and all(a in (int, float) for a in args)
+
+
+def _is_text_type(annotation: Any) -> bool:
+    """str, or a Literal of strings (optionally with None): a ``--set`` value for it is taken as typed."""
+    args = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    args = tuple(a for a in args if a is not type(None))
+    return bool(args) and all(a is str or (get_origin(a) is Literal and all(isinstance(v, str) for v in get_args(a)))
+                              for a in args)
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and _is_number_type(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"expected a number, got {str(value).lower()}")
+        return value
 
 
 class ModelConfig(_Section):
@@ -112,6 +134,8 @@ class CheckpointingConfig(_Section):
         None, gt=0, description="Periodic checkpoint every N optimizer steps (not micro-batches: the name is kept "
                                 "for existing configs).")
     keep_last_n_checkpoints: int = Field(2, gt=0)
+    overwrite: bool = Field(False, description="Delete a run already in the run folder and start afresh "
+                                               "(otherwise a non-empty run folder is refused unless resumed).")
     save_best_by: Literal["loss", "acc", "f1", "knn_acc", "knn_f1"] = Field(
         "f1", description="The validation metric that picks best/: knn_* (k-NN against the bank) for metric-only runs."
     )
@@ -190,6 +214,14 @@ class Config(_Section):
     """A whole run."""
 
     run_name: str = Field("run", pattern=r"^[A-Za-z0-9._-]+$", description="Run folder name under checkpoints_dir.")
+
+    @field_validator("run_name")
+    @classmethod
+    def _inside_checkpoints_dir(cls, name: str) -> str:
+        if set(name) == {"."}:
+            raise ValueError(f"{name!r} would put the run outside checkpoints_dir; give a plain folder name")
+        return name
+
     model_name: str | None = Field(None, description="HF model folder or hub name; null is the bundled MiniLM.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
@@ -206,6 +238,13 @@ class Config(_Section):
     def run_dir(self) -> Path:
         """``checkpoints_dir/run_name``."""
         return Path(self.checkpointing.checkpoints_dir) / self.run_name
+
+    @model_validator(mode="after")
+    def _check_resume_or_overwrite(self) -> Config:
+        if self.training.resume_from and self.checkpointing.overwrite:
+            raise ValueError("training.resume_from and checkpointing.overwrite contradict each other: resume the "
+                             "run, or overwrite it, not both")
+        return self
 
     @model_validator(mode="after")
     def _check_best_metric(self) -> Config:
@@ -294,10 +333,29 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+def _annotation_at(parts: list[str]) -> Any:
+    """The schema's type of the key at ``parts``, or None for a key the schema does not know."""
+    model: Any = Config
+    annotation = None
+    for part in parts:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        annotation = model.model_fields[part].annotation
+        model = annotation
+    return annotation
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``--set`` overrides to raw config data (before validation, so they are validated too)."""
+    """Apply ``--set`` overrides to raw config data (before validation, so they are validated too).
+
+    A value is read as YAML, except for text keys (``run_name``, paths, choices), which take the text as typed:
+    ``--set run_name=2024`` is the name "2024", and ``--set training.mixed_precision=no`` is "no", not false.
+    """
     for item in overrides:
         parts, value = parse_override(item)
+        if _is_text_type(_annotation_at(parts)):
+            raw = item.partition("=")[2].strip()
+            value = raw if raw not in ("", "null", "~") else None
         node = data
         for part in parts[:-1]:
             nxt = node.get(part)

@@ -69,6 +69,21 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """The config arguments plus ``--overwrite`` (``metric-ds train`` and the ``metric_ds.train`` script)."""
+    add_config_arguments(p)
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete a run already in the run folder and start afresh (checkpointing.overwrite)")
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The validated config that ``--config``, ``--set`` and ``--overwrite`` describe."""
+    from metric_ds.config import load_config
+
+    overwrite = ["checkpointing.overwrite=true"] if getattr(args, "overwrite", False) else []
+    return load_config(args.config, [*args.overrides, *overwrite])
+
+
 def apply_local_rank(args: argparse.Namespace) -> None:
     """The deepspeed launcher passes ``--local_rank`` on the command line instead of in the environment."""
     if getattr(args, "local_rank", None) is not None:

@@ -120,6 +120,15 @@ def gather_rows(x: torch.Tensor, sizes: list[int], with_grad: bool) -> torch.Ten
     return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
 
+def broadcast_flag(flag: bool, device: torch.device) -> bool:
+    """Rank 0's ``flag`` on every rank (the one decision that collectives after it depend on)."""
+    if not is_dist():
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum a (detached) tensor over ranks; identity in one process."""
     if is_dist():

@@ -1,4 +1,4 @@
-"""The joint loss: ``classification_loss_weight * CE + metric_loss_weight * SupCon``, as a dict of terms.
+"""The joint loss: ``classification_loss_weight * CE + metric_loss_weight * SupCon``, and its logged terms.
 
 * CE is the mean over the rows with ``classifier_mask = 1`` (0, graph kept, when there are none).
 * SupCon is defined once, in :mod:`metric_ds.ops.reference`, over the rows with ``metric_mask = 1``.
@@ -10,8 +10,10 @@ averages gradients over ranks, so the loss that is back-propagated is multiplied
 (:func:`data_parallel_scale`); the parameter gradients then equal the single-process ones. (Asking DeepSpeed to
 sum instead is refused under ZeRO-3.)
 
-:meth:`JointLoss.forward` reads top to bottom: the counts of every rank (one small gather), CE, the contrast
-set, SupCon, the ×W scaling, and the detached statistics for logging (:func:`positive_stats`).
+No host-device synchronisation happens here in one process. With W > 1 the only one is the packed gather of
+every rank's row counts (:class:`BatchCounts`), which the variable-sized gather of the metric rows needs. The
+terms that are only logged stay on the device as this rank's *shares* (they sum over ranks to the global value)
+and are reduced and read once per log step by :class:`TermWindow`.
 """
 from __future__ import annotations
 
@@ -25,15 +27,15 @@ from metric_ds import distributed as D
 from metric_ds import ops
 from metric_ds.ops.reference import positives_per_row
 
+# The order of LossTerms.shares.
+SHARE_KEYS = ("ce", "supcon", "with_pos", "pos_sum")
+
 
 @dataclass
 class BatchCounts:
-    """Every rank's row counts of one micro-batch, from one gather.
+    """Every rank's row counts of one micro-batch: all rows, CE rows, and metric rows per rank (rank order).
 
-    Attributes:
-        rows: all rows, summed over ranks.
-        ce_rows: rows with ``classifier_mask``, summed over ranks.
-        metric_sizes: rows with ``metric_mask`` on each rank, in rank order.
+    With W > 1 they come from one packed gather and one read to the host; in one process, from shapes.
     """
 
     rows: int
@@ -42,8 +44,14 @@ class BatchCounts:
 
     @classmethod
     def gather(cls, rows: int, ce_rows: int, metric_rows: int, device: torch.device) -> BatchCounts:
-        counts = D.all_gather_counts([rows, ce_rows, metric_rows], device)
-        return cls(int(counts[:, 0].sum()), int(counts[:, 1].sum()), counts[:, 2].tolist())
+        if D.world_size() == 1:
+            return cls(rows, ce_rows, [metric_rows])
+        counts = D.all_gather_counts([rows, ce_rows, metric_rows], device).tolist()  # the one host sync
+        return cls(sum(c[0] for c in counts), sum(c[1] for c in counts), [c[2] for c in counts])
+
+    @property
+    def metric_rows(self) -> int:
+        return sum(self.metric_sizes)
 
 
 @dataclass
@@ -76,20 +84,22 @@ def data_parallel_scale(scope: str) -> tuple[int, int]:
     return world, (world if scope == "global" else 1)
 
 
-def positive_stats(pos_per_row: torch.Tensor, metric_rows: int, scope: str) -> tuple[float, float]:
-    """Share of metric rows with a positive, and mean positives per row, over every rank's rows.
+@dataclass
+class LossTerms:
+    """What one micro-batch's loss gives.
 
-    With the global scope every rank already holds the global contrast set; with the local scope each rank's
-    counts are summed over ranks.
+    Attributes:
+        backward_loss: what to back-propagate: the loss scaled by :func:`data_parallel_scale`.
+        shares: (4,) fp32, this rank's shares of :data:`SHARE_KEYS` (CE, SupCon, metric rows with a positive,
+            positives), detached: summed over ranks they give the global values.
+        counts: every rank's row counts.
+        contrast: the contrast set, detached (the embedding bank takes its rows).
     """
-    if not metric_rows:
-        return 0.0, 0.0
-    stats = torch.stack([(pos_per_row > 0).sum(), pos_per_row.sum()]).double() if pos_per_row.numel() else \
-        torch.zeros(2, dtype=torch.float64, device=pos_per_row.device)
-    if scope == "local" and D.world_size() > 1:
-        stats = D.all_reduce_sum(stats)
-    with_pos, pos_sum = stats.tolist()
-    return with_pos / metric_rows, pos_sum / metric_rows
+
+    backward_loss: torch.Tensor
+    shares: torch.Tensor
+    counts: BatchCounts
+    contrast: ContrastSet
 
 
 class JointLoss(nn.Module):
@@ -101,6 +111,7 @@ class JointLoss(nn.Module):
         temperature: SupCon temperature.
         supcon_impl: ``auto|fused|reference`` (see :func:`metric_ds.ops.supcon_loss`).
         supcon_scope: ``global`` (negatives from every rank) or ``local`` (this rank's micro-batch only).
+        num_classes: the number of classes, where known: the positive counts then need no host sync.
     """
 
     def __init__(
@@ -110,6 +121,7 @@ class JointLoss(nn.Module):
         temperature: float = 0.07,
         supcon_impl: str = "auto",
         supcon_scope: str = "global",
+        num_classes: int | None = None,
     ):
         super().__init__()
         self.ce_weight = classification_loss_weight
@@ -117,6 +129,7 @@ class JointLoss(nn.Module):
         self.temperature = temperature
         self.supcon_impl = supcon_impl
         self.supcon_scope = supcon_scope
+        self.num_classes = num_classes
 
     def forward(
         self,
@@ -125,18 +138,11 @@ class JointLoss(nn.Module):
         labels: torch.Tensor,
         classifier_mask: torch.Tensor,
         metric_mask: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        """Compute the terms.
+    ) -> LossTerms:
+        """Compute the loss of one micro-batch.
 
         Shape:
             logits: (B, C); z: (B, D) unit norm; labels, classifier_mask, metric_mask: (B,).
-
-        Returns:
-            ``backward_loss`` (what to back-propagate: the loss scaled by W for DeepSpeed's gradient averaging,
-            see :func:`data_parallel_scale`), ``total`` (the global weighted loss, detached, for logging),
-            ``ce``, ``supcon``, ``rows`` (every rank's rows), ``ce_rows``, ``metric_rows``, ``anchor_pos_frac``
-            (share of metric rows with a positive) and ``mean_pos_per_anchor``; all but ``backward_loss`` are
-            detached global values.
         """
         scope, world = self.supcon_scope, D.world_size()
         ce_idx = classifier_mask.nonzero().squeeze(1)
@@ -148,11 +154,12 @@ class JointLoss(nn.Module):
 
         # SupCon: this rank's anchors against the contrast set, normalised by the valid anchors of all ranks.
         cs = contrast_set(z[m_idx], labels[m_idx], counts.metric_sizes, scope)
-        pos_per_row = positives_per_row(cs.labels)
+        pos_per_row = positives_per_row(cs.labels, self.num_classes)
+        with_pos = (pos_per_row > 0).sum()
         if cs.z.shape[0] > 0:
             supcon_part, _ = ops.supcon_loss(
                 cs.z, cs.labels, self.temperature, anchor_start=cs.anchor_start, anchor_count=cs.anchor_count,
-                num_valid_global=int((pos_per_row > 0).sum()), impl=self.supcon_impl,
+                num_valid_global=with_pos, impl=self.supcon_impl,
             )
         else:
             supcon_part = z.sum() * 0.0
@@ -160,19 +167,51 @@ class JointLoss(nn.Module):
         ce_scale, supcon_scale = data_parallel_scale(scope)
         backward_loss = ce_scale * self.ce_weight * ce_part + supcon_scale * self.metric_weight * supcon_part
 
-        # Global values for logging: each rank holds a share that sums to the global term.
-        supcon_share = supcon_part.detach() / (1 if scope == "global" else world)
-        ce_g, supcon_g = D.all_reduce_sum(torch.stack([ce_part.detach(), supcon_share.float()]))
-        metric_rows = sum(counts.metric_sizes)
-        anchor_pos_frac, mean_pos = positive_stats(pos_per_row, metric_rows, scope)
+        # Shares for logging. Global scope: every rank holds the same positive counts of the global contrast set,
+        # and SupCon is already a share (global denominator). Local scope: counts are local, SupCon a local mean.
+        pos_share = world if scope == "global" else 1
+        supcon_share = supcon_part.detach().float() / (1 if scope == "global" else world)
+        shares = torch.stack([ce_part.detach().float(), supcon_share, with_pos.float() / pos_share,
+                              pos_per_row.sum().float() / pos_share])
+        return LossTerms(backward_loss, shares, counts,
+                         ContrastSet(cs.z.detach(), cs.labels, cs.anchor_start, cs.anchor_count))
+
+
+class TermWindow:
+    """Loss terms summed over the micro-batches of a logging window, on the device; reduced over ranks and read
+    to the host once, in :meth:`read`.
+
+    Args:
+        ce_weight, metric_weight: the loss weights (``total`` is their weighted sum).
+    """
+
+    def __init__(self, ce_weight: float, metric_weight: float):
+        self.ce_weight, self.metric_weight = ce_weight, metric_weight
+        self.reset()
+
+    def reset(self) -> None:
+        self.shares: torch.Tensor | None = None
+        self.micro = self.rows = self.ce_rows = self.metric_rows = 0
+
+    def add(self, terms: LossTerms) -> None:
+        self.shares = terms.shares if self.shares is None else self.shares + terms.shares
+        self.micro += 1
+        self.rows += terms.counts.rows
+        self.ce_rows += terms.counts.ce_rows
+        self.metric_rows += terms.counts.metric_rows
+
+    def read(self) -> dict[str, float]:
+        """Per-micro-batch means of the global terms (a collective with W > 1: every rank calls it)."""
+        if self.shares is None:
+            return {}
+        ce, supcon, with_pos, pos_sum = D.all_reduce_sum(self.shares.double()).tolist()
+        n, m = self.micro, self.metric_rows
         return {
-            "backward_loss": backward_loss,
-            "total": (self.ce_weight * ce_g + self.metric_weight * supcon_g).detach(),
-            "ce": ce_g,
-            "supcon": supcon_g,
-            "rows": torch.tensor(float(counts.rows)),
-            "ce_rows": torch.tensor(float(counts.ce_rows)),
-            "metric_rows": torch.tensor(float(metric_rows)),
-            "anchor_pos_frac": torch.tensor(anchor_pos_frac),
-            "mean_pos_per_anchor": torch.tensor(mean_pos),
+            "total": (self.ce_weight * ce + self.metric_weight * supcon) / n,
+            "ce": ce / n,
+            "supcon": supcon / n,
+            "ce_rows": self.ce_rows / n,
+            "metric_rows": m / n,
+            "anchor_pos_frac": with_pos / m if m else 0.0,
+            "mean_pos_per_anchor": pos_sum / m if m else 0.0,
         }

@@ -1,20 +1,25 @@
 """The training loop: ``python -m metric_ds.train --config F`` (also ``metric-ds train``,
 ``deepspeed metric_ds/train.py --config F`` and ``torchrun -m metric_ds.train --config F``).
 
-Reads top to bottom: data, model, DeepSpeed engine, then epochs of micro-batches; at each optimizer step the
+Reads top to bottom: checks, data, model, DeepSpeed engine, then epochs of micro-batches. Each epoch's
+micro-batches are cut into accumulation windows of ``gradient_accumulation_steps`` (the last one shorter when
+they do not divide), and each window ends in an optimizer step, so no step mixes two epochs. At each step the
 bank takes the step's metric rows, a log record is written every ``log_every_n_steps``, validation runs every
 ``eval_every_n_steps`` and at each epoch end (and exports ``best/`` when it improves), and a checkpoint is
 written every ``save_every_n_batches``.
+
+Training randomness depends only on the seed and the step: validation and export run under a forked RNG, so
+how often a run validates never changes its weights, and a run resumed from any checkpoint equals the run that
+was not interrupted.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
-import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -26,23 +31,34 @@ if __package__ in (None, ""):  # `deepspeed metric_ds/train.py`: run as a script
 
 import numpy as np
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from metric_ds import distributed as D
+from metric_ds import run_folder
 from metric_ds.bank import EmbeddingBank
-from metric_ds.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, write_atomic
-from metric_ds.config import Config, load_config, save_config
-from metric_ds.console import add_config_arguments, apply_local_rank, run_guarded
+from metric_ds.checkpoint import (
+    describe_io_error,
+    load_checkpoint,
+    read_client_state,
+    resolve_resume,
+    save_checkpoint,
+    write_atomic,
+)
+from metric_ds.config import Config, save_config
+from metric_ds.console import add_train_arguments, apply_local_rank, config_from_args, run_guarded
 from metric_ds.data.collate import Collator, TextDataset
-from metric_ds.data.pipeline import load_training_data
+from metric_ds.data.pipeline import TrainingData, load_training_data
 from metric_ds.data.sampler import PKBatchSampler, RandomBatchSampler
-from metric_ds.ds_config import build_ds_config, check_precision
+from metric_ds.ds_config import build_ds_config
+from metric_ds.errors import UserError
 from metric_ds.evaluator import ShardedBatches, collect_outputs, compute_metrics
-from metric_ds.losses import JointLoss
+from metric_ds.losses import JointLoss, LossTerms, TermWindow
 from metric_ds.metrics import lower_is_better
 from metric_ds.model import MetricClassifier, export_model, load_encoder, model_inputs
+from metric_ds.preflight import preflight
+from metric_ds.resume_check import check_resume
 from metric_ds.tracking import build_trackers
-
 
 
 @dataclass
@@ -76,6 +92,14 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def accumulation_window(batch_in_epoch: int, micro_per_epoch: int, accumulation: int) -> tuple[int, bool]:
+    """The length of the accumulation window holding micro-batch ``batch_in_epoch`` (0-based), and whether that
+    micro-batch ends it. Windows start at multiples of ``accumulation``; the epoch's last one may be shorter."""
+    start = batch_in_epoch - batch_in_epoch % accumulation
+    length = min(accumulation, micro_per_epoch - start)
+    return length, batch_in_epoch == start + length - 1
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float, head_lr: float | None = None) -> list[dict[str, Any]]:
@@ -123,95 +147,124 @@ def _train_sampler(cfg: Config, train_df: Any, seed: int) -> Any:
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    # non_blocking copies overlap with compute only from pinned memory (the loaders pin on CUDA)
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@contextlib.contextmanager
+def _isolated_rng(device: torch.device):
+    """Run a block without touching the training RNG streams (CPU, and the device's on CUDA)."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def _build_bank(cfg: Config, model: MetricClassifier, device: torch.device) -> EmbeddingBank | None:
+    """Every rank's bank takes the metric rows of all ranks, so the banks are identical."""
+    mv, t = cfg.metric_validation, cfg.training
+    if mv.keep_last_n_emb_steps <= 0:
+        return None
+    rows_per_step = t.batch_size * t.gradient_accumulation_steps * D.world_size()
+    h_dim = model.classifier.in_features
+    return EmbeddingBank(capacity=mv.keep_last_n_emb_steps * rows_per_step, z_dim=cfg.model.projection_dim or h_dim,
+                         h_dim=h_dim, keep_last_n_steps=mv.keep_last_n_emb_steps, device=device)
 
 
 class Trainer:
     """One training run of ``cfg`` (see the module docstring for the order of events)."""
 
     def __init__(self, cfg: Config):
-        import deepspeed
-
-        check_precision(cfg)
-        self.cfg = cfg
-        t = cfg.training
+        preflight(cfg)
+        self.cfg, t = cfg, cfg.training
         seed_everything(t.seed)
         self.run_dir = cfg.run_dir
-        self.data = load_training_data(cfg)
+        self.data: TrainingData = load_training_data(cfg)
         self.label_map = self.data.label_map
         encoder, self.tokenizer = load_encoder(cfg.model_name, t.attention_implementation)
         model = MetricClassifier(encoder, self.label_map.num_classes, cfg.model.pooling,
                                  cfg.model.projection_dim, cfg.model.classifier_dropout)
         D.init_process_group()
+        self._build_data()
+        self._build_engine(model)
+        self.loss_fn = JointLoss(t.classification_loss_weight, t.metric_loss_weight, t.supcon_temperature,
+                                 t.supcon_impl, t.supcon_scope, num_classes=self.label_map.num_classes)
+        self.bank = _build_bank(cfg, model, self.device)
+        self.state = LoopState()
+        self.last_val: dict[str, float] = {}
+        self._open_run_folder()
+        self.tracker = build_trackers(cfg.logging.backends + (["neptune"] if cfg.neptune.enabled and
+                                                              "neptune" not in cfg.logging.backends else []),
+                                      self.run_dir, cfg.neptune, D.is_main())
+        self.tracker.log_params(cfg.to_dict())
 
-        collator = Collator(self.tokenizer)
-        self.collator = collator
+    def _build_data(self) -> None:
+        t = self.cfg.training
+        self.collator = Collator(self.tokenizer)
         self.train_ds = TextDataset.from_frame(self.data.train, self.tokenizer, t.max_seq_length)
         self.val_ds = TextDataset.from_frame(self.data.val, self.tokenizer, t.max_seq_length)
-        self.sampler = _train_sampler(cfg, self.data.train, t.seed)
-        micro_per_epoch = len(self.sampler)
-        self.steps_per_epoch = max(micro_per_epoch // t.gradient_accumulation_steps, 1)
+        self.sampler = _train_sampler(self.cfg, self.data.train, t.seed)
+        self.micro_per_epoch = len(self.sampler)
+        self.steps_per_epoch = math.ceil(self.micro_per_epoch / t.gradient_accumulation_steps)
         self.total_steps = self.steps_per_epoch * t.num_epochs
         if t.max_steps:
             self.total_steps = min(self.total_steps, t.max_steps)
-        num_training_steps = cfg.scheduler.num_training_steps or self.total_steps
 
+    def _build_engine(self, model: MetricClassifier) -> None:
+        import deepspeed
+
+        cfg = self.cfg
+        num_training_steps = cfg.scheduler.num_training_steps or self.total_steps
         self.engine, _, _, self.lr_scheduler = deepspeed.initialize(
             model=model,
             model_parameters=_param_groups(model, cfg.optimizer.weight_decay, cfg.optimizer.head_learning_rate),
             config=build_ds_config(cfg), lr_scheduler=_scheduler_factory(cfg, num_training_steps),
         )
         self.device = self.engine.device
-        self.loss_fn = JointLoss(t.classification_loss_weight, t.metric_loss_weight, t.supcon_temperature,
-                                 t.supcon_impl, t.supcon_scope)
-        mv = cfg.metric_validation
-        self.bank = None
-        if mv.keep_last_n_emb_steps > 0:
-            # every rank adds the metric rows of all ranks (so the banks are identical)
-            rows_per_step = t.batch_size * t.gradient_accumulation_steps * D.world_size()
-            h_dim = model.classifier.in_features
-            z_dim = cfg.model.projection_dim or h_dim
-            self.bank = EmbeddingBank(capacity=mv.keep_last_n_emb_steps * rows_per_step, z_dim=z_dim,
-                                      h_dim=h_dim, keep_last_n_steps=mv.keep_last_n_emb_steps, device=self.device)
-        self.state = LoopState()
-        self.last_val: dict[str, float] = {}
-        if t.resume_from:
-            self._resume(t.resume_from)
+
+    def _open_run_folder(self) -> None:
+        """Resume (checking the config and data against the checkpoint's), or start a fresh folder."""
+        cfg = self.cfg
+        if cfg.training.resume_from:
+            ckpt = resolve_resume(cfg.training.resume_from, self.run_dir)
+            client = read_client_state(ckpt)
+            check_resume(yaml.safe_load(client["config"]) if "config" in client else None,
+                         client.get("data_fingerprint"), cfg.to_dict(), self.data.fingerprint(), str(ckpt))
+            load_checkpoint(self.engine, ckpt, client)
+            self.state = LoopState(**client["loop"])
+            if self.bank is not None and client.get("bank") is not None:
+                self.bank.load_state_dict(client["bank"])
+            if D.is_main():
+                run_folder.open_resumed(self.run_dir, self.state.global_step)
+                tqdm.write(f"resumed from {ckpt} at step {self.state.global_step}")
+        elif D.is_main():
+            run_folder.open_fresh(self.run_dir, cfg.checkpointing.overwrite)
+        if D.is_dist():
+            torch.distributed.barrier()
         if D.is_main():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
             self.label_map.save(self.run_dir / "labels.json")
-        self.tracker = build_trackers(cfg.logging.backends + (["neptune"] if cfg.neptune.enabled and
-                                                              "neptune" not in cfg.logging.backends else []),
-                                      self.run_dir, cfg.neptune, D.is_main())
-        self.tracker.log_params(cfg.to_dict())
-
-    # ------------------------------------------------------------------------------------- state
 
     def _client_state(self) -> dict[str, Any]:
-        return {"loop": asdict(self.state), "bank": self.bank.state_dict() if self.bank is not None else None}
-
-    def _resume(self, resume_from: str) -> None:
-        ckpt = resolve_resume(resume_from, self.run_dir)
-        client = load_checkpoint(self.engine, ckpt)
-        self.state = LoopState(**client["loop"])
-        if self.bank is not None and client.get("bank") is not None:
-            self.bank.load_state_dict(client["bank"])
-        if D.is_main():
-            tqdm.write(f"resumed from {ckpt} at step {self.state.global_step}")
+        return {"loop": asdict(self.state), "bank": self.bank.state_dict() if self.bank is not None else None,
+                "config": yaml.safe_dump(self.cfg.to_dict(), sort_keys=True),
+                "data_fingerprint": self.data.fingerprint()}
 
     # -------------------------------------------------------------------------------------- loop
 
     def fit(self) -> dict[str, Any]:
         cfg, t, st = self.cfg, self.cfg.training, self.state
+        if st.global_step >= self.total_steps and (self.run_dir / "summary.json").is_file():
+            if D.is_main():
+                tqdm.write(f"{self.run_dir} already finished at step {st.global_step}; nothing to train")
+            self.tracker.close()
+            return json.loads((self.run_dir / "summary.json").read_text())
         start_wall = time.perf_counter()
         samples_at_start = st.samples_seen
         bar = tqdm(total=self.total_steps, initial=st.global_step, disable=not D.is_main(), desc="train",
                    dynamic_ncols=True)
-        window: dict[str, float] = {}
-        window_micro, window_t0, window_samples = 0, time.perf_counter(), 0
+        window = TermWindow(t.classification_loss_weight, t.metric_loss_weight)
+        window_t0 = time.perf_counter()
         done = st.global_step >= self.total_steps
-        last_eval_step = None
         # from_pretrained returns the encoder in eval mode: without this, dropout would stay off until the
         # first validation switched the whole model to train mode.
         self.engine.train()
@@ -219,64 +272,84 @@ class Trainer:
             self.sampler.set_epoch(st.epoch)
             loader = torch.utils.data.DataLoader(
                 self.train_ds, batch_sampler=SkipBatches(self.sampler, st.batch_in_epoch),
-                collate_fn=self.collator, num_workers=cfg.data.num_workers,
+                collate_fn=self.collator, num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda",
                 generator=torch.Generator().manual_seed(t.seed),  # keeps the global RNG untouched
             )
             for batch in loader:
-                batch = _to_device(batch, self.device)
-                out = self.engine(**model_inputs(batch))
-                terms = self.loss_fn(out.logits, out.z, batch["labels"], batch["classifier_mask"],
-                                     batch["metric_mask"])
-                boundary = self.engine.is_gradient_accumulation_boundary()
-                self.engine.backward(terms["backward_loss"])
-                manual_norm = self._grad_norm_before_step() if boundary else None
-                self.engine.step()
+                window_len, boundary = accumulation_window(st.batch_in_epoch, self.micro_per_epoch,
+                                                           t.gradient_accumulation_steps)
+                will_log = boundary and ((st.global_step + 1) % t.log_every_n_steps == 0
+                                         or st.global_step + 1 == self.total_steps)
+                terms, manual_norm = self._train_micro_batch(batch, window_len, boundary, will_log)
                 st.batch_in_epoch += 1
-                n_global = int(terms["rows"])
-                st.samples_seen += n_global
-                window_samples += n_global
-                window_micro += 1
-                for key in ("total", "ce", "supcon", "ce_rows", "metric_rows", "anchor_pos_frac",
-                            "mean_pos_per_anchor"):
-                    window[key] = window.get(key, 0.0) + float(terms[key])
-                if self.bank is not None:
-                    self._bank_add(out, batch, st.global_step + 1)
+                st.samples_seen += terms.counts.rows
+                window.add(terms)
                 if not boundary:
                     continue
                 st.global_step += 1
                 bar.update(1)
-                lr = self.lr_scheduler.get_last_lr()[0] if self.lr_scheduler is not None else 0.0
-                if st.global_step % t.log_every_n_steps == 0 or st.global_step == self.total_steps:
-                    elapsed = time.perf_counter() - window_t0
-                    record = {f"train/{'loss' if k == 'total' else k}": v / window_micro for k, v in window.items()}
-                    grad_norm = self.engine.get_global_grad_norm()
-                    grad_norm = manual_norm if grad_norm is None else grad_norm
-                    record.update({
-                        "train/lr": lr,
-                        "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                        "train/samples_per_s": window_samples / max(elapsed, 1e-9),
-                        "train/step_time_s": elapsed / max(window_micro / t.gradient_accumulation_steps, 1),
-                    })
-                    self._log(record)
-                    bar.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{lr:.2e}",
-                                    sps=f"{record['train/samples_per_s']:.1f}")
-                    window, window_micro, window_t0, window_samples = {}, 0, time.perf_counter(), 0
-                epoch_end = st.batch_in_epoch >= len(self.sampler) - (len(self.sampler) % t.gradient_accumulation_steps)
+                if will_log:
+                    self._log_train(window, time.perf_counter() - window_t0, manual_norm, bar)
+                    window.reset()
+                    window_t0 = time.perf_counter()
+                epoch_end = st.batch_in_epoch >= self.micro_per_epoch
                 done = st.global_step >= self.total_steps
                 if (t.eval_every_n_steps and st.global_step % t.eval_every_n_steps == 0) or epoch_end or done:
                     self.validate()
-                    last_eval_step = st.global_step
                 every = cfg.checkpointing.save_every_n_batches
                 if every and (st.global_step % every == 0 or done):
                     self._checkpoint()
                 if done:
                     break
-            st.epoch += 1
-            st.batch_in_epoch = 0
+            if not done:
+                st.epoch += 1
+                st.batch_in_epoch = 0
         bar.close()
-        if last_eval_step != st.global_step and st.global_step > 0:
-            self.validate()
-        wall = time.perf_counter() - start_wall
+        return self._finish(time.perf_counter() - start_wall, st.samples_seen - samples_at_start)
+
+    def _train_micro_batch(self, batch: dict[str, torch.Tensor], window_len: int, boundary: bool,
+                           will_log: bool) -> tuple[LossTerms, torch.Tensor | None]:
+        """Forward, loss, backward and (at a window's end) the optimizer step of one micro-batch, then the bank.
+
+        No host-device synchronisation happens here in one process, and one (the packed row counts) with W > 1:
+        what is logged stays on the device until :meth:`_log_train` (``tests/test_host_syncs.py``).
+
+        Returns:
+            The loss terms, and the pre-clipping gradient norm where DeepSpeed reports none (``will_log`` only).
+        """
+        t = self.cfg.training
+        self.engine.set_gradient_accumulation_boundary(boundary)
+        batch = _to_device(batch, self.device)
+        out = self.engine(**model_inputs(batch))
+        terms = self.loss_fn(out.logits, out.z, batch["labels"], batch["classifier_mask"], batch["metric_mask"])
+        # DeepSpeed divides by gradient_accumulation_steps; a shorter last window is a mean over its own micro-batches.
+        scale = t.gradient_accumulation_steps / window_len
+        self.engine.backward(terms.backward_loss * scale if scale != 1 else terms.backward_loss)
+        manual_norm = self._grad_norm_before_step() if will_log else None
+        self.engine.step()
+        if self.bank is not None:
+            self._bank_add(out.h, batch["metric_mask"], terms, self.state.global_step + 1)
+        return terms, manual_norm
+
+    def _log_train(self, window: TermWindow, elapsed: float, manual_norm: torch.Tensor | None, bar: Any) -> None:
+        """The one host read of a logging window: its loss terms, lr, grad norm and throughput."""
+        t = self.cfg.training
+        terms = window.read()
+        lr = self.lr_scheduler.get_last_lr()[0] if self.lr_scheduler is not None else 0.0
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = manual_norm if grad_norm is None else grad_norm
+        record = {f"train/{'loss' if k == 'total' else k}": v for k, v in terms.items()}
+        record.update({
+            "train/lr": lr,
+            "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "train/samples_per_s": window.rows / max(elapsed, 1e-9),
+            "train/step_time_s": elapsed / max(window.micro / t.gradient_accumulation_steps, 1),
+        })
+        self._log(record)
+        bar.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{lr:.2e}", sps=f"{record['train/samples_per_s']:.1f}")
+
+    def _finish(self, wall: float, samples: int) -> dict[str, Any]:
+        cfg, st = self.cfg, self.state
         digests = self._rank_digests()
         summary = {
             "run_dir": str(self.run_dir),
@@ -287,28 +360,35 @@ class Trainer:
             "steps": st.global_step,
             "epochs": round(st.samples_seen / max(len(self.train_ds), 1), 3),  # passes over the train split
             "wall_time_s": wall,
-            "train_samples_per_s": (st.samples_seen - samples_at_start) / max(wall, 1e-9),
+            "train_samples_per_s": samples / max(wall, 1e-9),
             "world_size": D.world_size(),
             # every rank's fingerprint of its bank and last validation metrics: they must agree
             "rank_digests": digests,
             "ranks_agree": len({json.dumps(d, sort_keys=True) for d in digests}) == 1,
         }
+        self.tracker.close()
         if D.is_main():
             write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+        if st.best_step is None:
+            raise UserError(
+                f"no best/ was written: {summary['best_metric']} was never computed on the validation split "
+                f"(checkpointing.save_best_by = {cfg.checkpointing.save_best_by}). The last weights are in the "
+                f"checkpoints of {self.run_dir}; pick a save_best_by that the validation rows can score")
+        if D.is_main():
             tqdm.write(
                 f"done: {st.global_step} steps in {wall:.1f}s ({summary['train_samples_per_s']:.1f} samples/s); "
                 f"best {summary['best_metric']} = {st.best_value} at step {st.best_step}; "
                 f"best model: {summary['best_dir']}; run: {self.run_dir}"
             )
-        self.tracker.close()
         return summary
 
-    def _grad_norm_before_step(self) -> float | None:
-        """The gradient norm before clipping, where DeepSpeed does not report one (ZeRO 0 in fp32)."""
+    def _grad_norm_before_step(self) -> torch.Tensor | None:
+        """The gradient norm before clipping, where DeepSpeed does not report one (ZeRO 0 in fp32); a device
+        tensor, read at the log step."""
         if self.cfg.deepspeed.zero_stage != 0 or self.cfg.training.mixed_precision != "no":
             return None
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
     def _rank_digests(self) -> list[dict[str, str]]:
         """A hash of the bank (in order) and of the last validation record, from every rank."""
@@ -324,26 +404,36 @@ class Trainer:
         torch.distributed.all_gather_object(out, mine)
         return out
 
-    def _bank_add(self, out: Any, batch: dict[str, torch.Tensor], step: int) -> None:
-        """Add this micro-batch's metric rows (from every rank, in rank order) to the bank."""
-        m = batch["metric_mask"].bool()
-        z, h, y = out.z.detach()[m].float(), out.h.detach()[m].float(), batch["labels"][m]
-        sizes = D.all_gather_counts([int(m.sum())], self.device)[:, 0].tolist()
-        z, h, y = (D.gather_rows(x, sizes, with_grad=False) for x in (z, h, y))
-        self.bank.add(z, h, y, step)
+    def _bank_add(self, h: torch.Tensor, metric_mask: torch.Tensor, terms: LossTerms, step: int) -> None:
+        """Add this micro-batch's metric rows (from every rank, in rank order) to the bank, reusing the rows and
+        counts that the loss already gathered: only ``h`` is gathered here."""
+        sizes = terms.counts.metric_sizes
+        h_m = h.detach()[metric_mask.bool()].float()
+        cs = terms.contrast
+        if D.world_size() > 1 and self.loss_fn.supcon_scope == "local":  # the loss gathered no rows
+            z, y = D.gather_rows(cs.z.float(), sizes, with_grad=False), D.gather_rows(cs.labels, sizes, with_grad=False)
+        else:
+            z, y = cs.z.float(), cs.labels
+        self.bank.add(z, D.gather_rows(h_m, sizes, with_grad=False), y, step)
 
     def _log(self, record: dict[str, float]) -> None:
         self.tracker.log_metrics({"step": self.state.global_step,
-                                  "epoch": self.state.epoch + self.state.batch_in_epoch / max(len(self.sampler), 1),
+                                  "epoch": self.state.epoch + self.state.batch_in_epoch / max(self.micro_per_epoch, 1),
                                   **record}, step=self.state.global_step)
 
     # ------------------------------------------------------------------------------- validation
 
     def validate(self) -> dict[str, float]:
+        """Validate, log, and export ``best/`` when the metric improved; the training RNG is not touched."""
+        with _isolated_rng(self.device):
+            return self._validate()
+
+    def _validate(self) -> dict[str, float]:
         cfg, t, mv = self.cfg, self.cfg.training, self.cfg.metric_validation
         batches = ShardedBatches(len(self.val_ds), t.batch_size, D.rank(), D.world_size())
         loader = torch.utils.data.DataLoader(self.val_ds, batch_sampler=batches, collate_fn=self.collator,
-                                             num_workers=0)
+                                             num_workers=0, pin_memory=self.device.type == "cuda",
+                                             generator=torch.Generator().manual_seed(t.seed))
         dummy = self.collator([self.val_ds[0]]) if len(self.val_ds) else None
         outputs = collect_outputs(self.engine.module, loader, self.device, dummy)
         metrics = compute_metrics(
@@ -356,15 +446,18 @@ class Trainer:
             record.update(self.bank.stats(self.label_map.num_classes, self.state.global_step))
         self._log(record)
         self.last_val = record
-        key = cfg.checkpointing.save_best_by
-        value = metrics.get(key)
-        if value is not None and not math.isnan(value):
-            better = (self.state.best_value is None or
-                      (value < self.state.best_value if lower_is_better(key) else value > self.state.best_value))
-            if better:
-                self.state.best_value, self.state.best_step = value, self.state.global_step
-                self._export_best(record)
+        if self._improved(metrics.get(cfg.checkpointing.save_best_by)):
+            self.state.best_value, self.state.best_step = metrics[cfg.checkpointing.save_best_by], self.state.global_step
+            self._export_best(record)
         return record
+
+    def _improved(self, value: float | None) -> bool:
+        """Whether ``value`` beats the best so far: decided on rank 0 and broadcast, so that ranks whose float
+        metrics differ in the last bit never disagree (the export that follows is a collective)."""
+        key, best = self.cfg.checkpointing.save_best_by, self.state.best_value
+        better = value is not None and not math.isnan(value) and (
+            best is None or (value < best if lower_is_better(key) else value > best))
+        return D.broadcast_flag(better, self.device)
 
     def _full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full weights on every rank; under ZeRO-3 the partitions are gathered first (a collective)."""
@@ -379,20 +472,19 @@ class Trainer:
     def _export_best(self, record: dict[str, float]) -> None:
         state_dict = self._full_state_dict()
         if D.is_main():
-            best, tmp = self.run_dir / "best", self.run_dir / ".tmp-best"
-            shutil.rmtree(tmp, ignore_errors=True)
-            export_model(state_dict, self.engine.module, self.tokenizer, tmp, extra_files={
-                "labels.json": self.label_map.to_json(),
-                "metrics.json": {"step": self.state.global_step, **record},
-                "training_data.json": {"train": str(Path(self.cfg.data.parquet_path).resolve())},
-            })
-            save_config(self.cfg, tmp / "metric_ds_config.yaml")
-            old = self.run_dir / ".old-best"
-            shutil.rmtree(old, ignore_errors=True)
-            if best.exists():
-                os.replace(best, old)
-            os.replace(tmp, best)
-            shutil.rmtree(old, ignore_errors=True)
+            def write(folder: Path) -> None:
+                export_model(state_dict, self.engine.module, self.tokenizer, folder, extra_files={
+                    "labels.json": self.label_map.to_json(),
+                    "metrics.json": {"step": self.state.global_step, **record},
+                    "training_data.json": {"train": str(Path(self.cfg.data.parquet_path).resolve())},
+                })
+                save_config(self.cfg, folder / "metric_ds_config.yaml")
+
+            try:
+                run_folder.swap_in_best(self.run_dir, write)
+            except OSError as exc:
+                raise UserError(f"could not export best/ to {self.run_dir}: {describe_io_error(exc, self.run_dir)} "
+                                "(the previous best/ is intact)") from None
         if D.is_dist():
             torch.distributed.barrier()
 
@@ -415,7 +507,7 @@ def train_process(cfg: Config) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="metric-ds train", description="Train an encoder with CE + SupCon.")
-    add_config_arguments(p)
+    add_train_arguments(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     return p
 
@@ -424,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     """The script entry (``deepspeed metric_ds/train.py``, ``torchrun -m metric_ds.train``)."""
     args = build_parser().parse_args(argv)
     apply_local_rank(args)
-    return run_guarded(lambda: train_process(load_config(args.config, args.overrides)), debug=args.debug)
+    return run_guarded(lambda: train_process(config_from_args(args)), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from metric_ds import distributed as D  # noqa: E402
 from metric_ds.config import validate_config  # noqa: E402
 from metric_ds.ds_config import build_ds_config  # noqa: E402
-from metric_ds.losses import JointLoss  # noqa: E402
+from metric_ds.losses import JointLoss, TermWindow  # noqa: E402
 from metric_ds.model import MetricClassifier  # noqa: E402
 
 
@@ -78,8 +78,11 @@ def main() -> None:
     loss_fn = JointLoss(1.0, 1.0, 0.1, args.impl, args.scope)
     out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     terms = loss_fn(out.logits, out.z, batch["labels"], batch["classifier_mask"], batch["metric_mask"])
-    engine.backward(terms["backward_loss"])
+    engine.backward(terms.backward_loss)
     engine.step()
+    window = TermWindow(1.0, 1.0)
+    window.add(terms)
+    logged = window.read()
     module = engine.module
     if args.stage == 3:
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
@@ -87,7 +90,7 @@ def main() -> None:
     else:
         params = {k: v.detach().clone() for k, v in module.named_parameters()}
     if r == 0:
-        torch.save({"terms": {k: float(v) for k, v in terms.items() if k != "backward_loss"}, "params": params}, args.out)
+        torch.save({"terms": logged, "params": params}, args.out)
     D.shutdown()
 
 

@@ -130,7 +130,7 @@ def test_dataframe_api_and_warnings_collected():
     data = load_training_data(_cfg("unused.parquet"), frame=df)
     assert len(data.train) + len(data.val) == 40
     assert any("dropped 1 row(s)" in w for w in data.warnings)
-    assert any("1 class(es) too small to split" in w for w in data.warnings)
+    assert any("1 (label, masks) group(s) too small to split" in w for w in data.warnings)
 
 
 def test_validation_split_empty(tmp_path):

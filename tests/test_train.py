@@ -3,8 +3,6 @@ validation records, the best/ export, atomic checkpoints and exact resume."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,9 @@ def evaluate(model_dir: str | Path, data: str | Path, bank_data: str | Path | No
              distance: str = "cos") -> dict[str, Any]:
     """Evaluate an export on a table; returns the JSON-able results."""
     model_dir = Path(model_dir)
+    if bank_data is not None and not Path(bank_data).is_file():
+        raise UserError(f"--bank-data: {bank_data} does not exist; give a prepared table to build the retrieval "
+                        "bank from, or leave --bank-data out to use the model's training file")
     model, tokenizer = load_exported(model_dir)
     label_map = LabelMap.load(model_dir / "labels.json")
     cfg_path = model_dir / "metric_ds_config.yaml"
@@ -71,6 +75,10 @@ def evaluate(model_dir: str | Path, data: str | Path, bank_data: str | Path | No
     if bank_data is None:
         meta = model_dir / "training_data.json"
         bank_data = json.loads(meta.read_text())["train"] if meta.is_file() else None
+        if bank_data is not None and not Path(bank_data).is_file():
+            warnings.warn(f"retrieval metrics skipped: the model's training file {bank_data} is gone; pass "
+                          "--bank-data to build the bank from another table", stacklevel=2)
+            bank_data = None
     mm = out["metric_mask"].bool()
     if bank_data is not None and Path(bank_data).is_file() and mm.any():
         bank_df = _encode(validate_frame(read_table(bank_data), str(bank_data)), label_map, str(bank_data))

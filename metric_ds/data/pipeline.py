@@ -5,6 +5,7 @@ whose messages name the file or the full config key (``training.batch_size``).
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,7 +17,7 @@ from metric_ds.data.balance import balance_indices
 from metric_ds.data.io import load_frame
 from metric_ds.data.labels import LabelMap, unseen_labels
 from metric_ds.data.notices import warn
-from metric_ds.data.split import stratified_split
+from metric_ds.data.split import labelled_rows_for_validation, stratified_split
 from metric_ds.data.validation import validate_frame
 from metric_ds.errors import UserError
 
@@ -40,6 +41,16 @@ class TrainingData:
     label_map: LabelMap
     warnings: list[str] = field(default_factory=list)
 
+    def fingerprint(self) -> str:
+        """A hash of both splits' text, labels and masks, in order: equal exactly when the data are."""
+        h = hashlib.sha256()
+        for frame in (self.train, self.val):
+            cols = frame[["text", "label", "metric_mask", "classifier_mask"]].astype(
+                {"label": str, "metric_mask": "int8", "classifier_mask": "int8"})
+            h.update(pd.util.hash_pandas_object(cols, index=False).to_numpy().tobytes())
+            h.update(b"|")
+        return h.hexdigest()[:32]
+
 
 def _load(obj: str | Path | pd.DataFrame, source: str, problems: list[str], warnings: list[str]
           ) -> pd.DataFrame | None:
@@ -55,7 +66,7 @@ def build_training_data(frame: str | Path | pd.DataFrame, *, val_frame: str | Pa
                         val_ratio: float = 0.1, seed: int = 0, upsample: int | None = None,
                         downsample: int | None = None, batch_size: int = 1,
                         classification_loss_weight: float = 1.0, metric_loss_weight: float = 1.0,
-                        pk: tuple[int, int] | None = None) -> TrainingData:
+                        pk: tuple[int, int] | None = None, best_metric: str | None = None) -> TrainingData:
     """Build the splits from explicit settings (see :func:`load_training_data` for the config form).
 
     Args:
@@ -66,6 +77,8 @@ def build_training_data(frame: str | Path | pd.DataFrame, *, val_frame: str | Pa
         batch_size: the micro-batch size; the train split must hold at least one batch.
         classification_loss_weight, metric_loss_weight: a positive weight needs rows with that mask.
         pk: ``(classes_per_batch, samples_per_class)`` for the pk sampler, or None.
+        best_metric: ``checkpointing.save_best_by``; ``acc`` and ``f1`` need labelled validation rows, which the
+            split then keeps (or the build fails before training).
 
     Raises:
         UserError: every problem at once, each with its file or config key.
@@ -82,7 +95,11 @@ def build_training_data(frame: str | Path | pd.DataFrame, *, val_frame: str | Pa
         raise UserError(problems)
 
     label_map = LabelMap.from_labels(df["label"])
+    if label_map.num_classes < 2:
+        raise UserError(f"{train_src}: the label column holds one class ({label_map.names[0]!r}): the classifier "
+                        "and SupCon need at least two. Check the label column")
     df["label_id"] = label_map.encode(df["label"])
+    needs_labelled_val = best_metric in ("acc", "f1")
     if val is not None:
         unseen = unseen_labels(val["label"], label_map,
                                f"{val_src}: validation labels not in the training data ({train_src})")
@@ -96,7 +113,19 @@ def build_training_data(frame: str | Path | pd.DataFrame, *, val_frame: str | Pa
         # validation and 9 stay in train, whatever the other rows do.
         strata = (df["label_id"].to_numpy() * 4 + df["classifier_mask"].to_numpy().astype(np.int64) * 2
                   + df["metric_mask"].to_numpy().astype(np.int64))
-        train_idx, val_idx = stratified_split(strata, val_ratio, seed, warnings)
+        train_idx, val_idx = stratified_split(strata, val_ratio, seed, warnings, unit="(label, masks) group(s)")
+        labelled_train = train_idx[df["classifier_mask"].to_numpy()[train_idx] == 1]
+        if needs_labelled_val and len(val_idx) and len(labelled_train) and \
+                not (df["classifier_mask"].to_numpy()[val_idx] == 1).any():
+            # Few labelled rows per class round to none in validation: move one labelled row from each of
+            # some classes, so that save_best_by can be computed.
+            moved = labelled_train[labelled_rows_for_validation(df["label_id"].to_numpy()[labelled_train],
+                                                                val_ratio, seed)]
+            if len(moved):
+                train_idx, val_idx = np.setdiff1d(train_idx, moved), np.union1d(val_idx, moved)
+                warn(f"{train_src}: the split by data.val_ratio = {val_ratio} left no labelled "
+                     f"(classifier_mask = 1) row in validation; {len(moved)} labelled row(s), one per class, moved "
+                     f"there so that val/{best_metric} can pick best/", warnings)
         train, val = df.iloc[train_idx].reset_index(drop=True), df.iloc[val_idx].reset_index(drop=True)
     keep = balance_indices(train["label_id"].to_numpy(), upsample, downsample, seed)
     train = train.iloc[keep].reset_index(drop=True)
@@ -110,6 +139,12 @@ def build_training_data(frame: str | Path | pd.DataFrame, *, val_frame: str | Pa
     if len(train) < batch_size:
         problems.append(f"{train_src}: the training split has {len(train)} rows, fewer than one batch "
                         f"(training.batch_size = {batch_size}); lower the batch size or add data")
+    if needs_labelled_val and len(val) and not (val["classifier_mask"] == 1).any() and \
+            (train["classifier_mask"] == 1).any():
+        problems.append(f"{val_src if val_frame is not None else train_src}: checkpointing.save_best_by is "
+                        f"{best_metric}, which needs labelled (classifier_mask = 1) validation rows, and the "
+                        "validation split has none. Add labelled rows (two in a class, to split), give "
+                        "data.val_parquet_path, or set save_best_by to loss or knn_f1")
     if len(val) == 0:
         problems.append(f"{train_src}: the validation split is empty (every class is too small to split by "
                         f"data.val_ratio = {val_ratio}); raise data.val_ratio or give data.val_parquet_path")
@@ -144,5 +179,6 @@ def load_training_data(cfg: Config, frame: pd.DataFrame | None = None, val_frame
         seed=t.seed, upsample=d.upsample, downsample=d.downsample, batch_size=t.batch_size,
         classification_loss_weight=t.classification_loss_weight, metric_loss_weight=t.metric_loss_weight,
         pk=(d.classes_per_batch, d.samples_per_class) if d.sampler == "pk" else None,
+        best_metric=cfg.checkpointing.save_best_by,
     )
 

@@ -6,8 +6,8 @@ import numpy as np
 from metric_ds.data.notices import warn
 
 
-def stratified_split(labels: np.ndarray, val_ratio: float, seed: int, warnings_out: list[str] | None = None
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(labels: np.ndarray, val_ratio: float, seed: int, warnings_out: list[str] | None = None,
+                     unit: str = "class(es)") -> tuple[np.ndarray, np.ndarray]:
     """Split row positions per class: ``round(n_c * val_ratio)`` rows of class c go to validation.
 
     Rounding is Python's (halves to even: 2.5 -> 2), and at least one row of a class stays in train. A class
@@ -19,6 +19,7 @@ def stratified_split(labels: np.ndarray, val_ratio: float, seed: int, warnings_o
         val_ratio: share of each class for validation, in (0, 1).
         seed: the random seed.
         warnings_out: if given, the warning is also appended to it.
+        unit: what a stratum is, for the warning (e.g. ``"(label, masks) group(s)"``).
 
     Returns:
         ``(train_idx, val_idx)``: disjoint, sorted positions covering 0..N-1.
@@ -41,6 +42,23 @@ def stratified_split(labels: np.ndarray, val_ratio: float, seed: int, warnings_o
         val.append(idx[:n_val])
         train.append(idx[n_val:])
     if kept:
-        warn(f"{kept} class(es) too small to split by val_ratio={val_ratio} stay entirely in train "
+        warn(f"{kept} {unit} too small to split by val_ratio={val_ratio} stay entirely in train "
              "(they are not validated)", warnings_out)
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def labelled_rows_for_validation(labels: np.ndarray, val_ratio: float, seed: int) -> np.ndarray:
+    """Positions (into ``labels``) of labelled rows to move to validation when the stratified split left none
+    there: ``max(1, round(n * val_ratio))`` rows, at most one per class, from classes that keep at least one
+    labelled row in train (an empty result: no class has two labelled rows).
+
+    Args:
+        labels: the classes of the labelled training rows.
+        val_ratio, seed: as for :func:`stratified_split` (its own RNG stream).
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng([seed, 0x7A1])
+    classes, counts = np.unique(labels, return_counts=True)
+    eligible = rng.permutation(classes[counts >= 2])
+    take = min(max(1, round(len(labels) * val_ratio)), len(eligible))
+    return np.sort(np.array([rng.choice(np.flatnonzero(labels == c)) for c in eligible[:take]], dtype=np.int64))
