@@ -391,7 +391,7 @@ class Trainer:
                 "labels.json": self.label_map.to_json(),
                 "metrics.json": {"step": self.state.global_step, **record},
                 "training_data.json": {"train": str(Path(self.cfg.data.parquet_path).resolve())},
-            })
+            }, max_seq_length=self.cfg.training.max_seq_length)
             save_config(self.cfg, tmp / "metric_ds_config.yaml")
             old = self.run_dir / ".old-best"
             shutil.rmtree(old, ignore_errors=True)
