@@ -13,7 +13,6 @@ keeps about four B x B fp32 matrices), not run.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -137,7 +136,6 @@ def reference_fits(b: int, device: str) -> bool:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--B", type=int, nargs="+", default=None)
     p.add_argument("--d", type=int, nargs="+", default=[384])
     p.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
@@ -148,9 +146,8 @@ def main() -> None:
     p.add_argument("--compile-max-B", type=int, default=4096, help="largest B tried under torch.compile")
     p.add_argument("--out", default=str(HERE / "results" / "supcon.csv"))
     p.add_argument("--timeout", type=float, default=900)
-    args = p.parse_args()
-    if args.worker:
-        run_case(json.loads(args.worker))
+    args = harness.parse_or_work(p, run_case)
+    if args is None:
         return
     device = args.device
     dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")

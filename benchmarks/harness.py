@@ -6,6 +6,7 @@ timing, memory, subprocess isolation, CSV and Markdown.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as dt
 import json
@@ -76,6 +77,18 @@ def run_in_subprocess(script: Path, case: dict[str, Any], timeout: float) -> lis
         status = "OOM" if ("out of memory" in proc.stderr.lower() or proc.returncode in (-9, 137)) else "error"
         return [{**case, "status": status, "note": tail}]
     return rows
+
+
+def parse_or_work(parser: argparse.ArgumentParser, run_case: Callable[[dict[str, Any]], None]
+                  ) -> argparse.Namespace | None:
+    """The parent's arguments, or, in a case's subprocess (``--worker JSON``, see :func:`run_in_subprocess`),
+    ``None`` after running the case."""
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        run_case(json.loads(args.worker))
+        return None
+    return args
 
 
 def emit(row: dict[str, Any]) -> None:

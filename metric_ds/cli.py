@@ -1,4 +1,4 @@
-"""The ``metric-ds`` command: train, validate, prepare, evaluate, report, env.
+"""The ``metric-ds`` command: train, validate, prepare, evaluate, export, report, env.
 
 User errors print ``error: ...`` lines on stderr and exit 1 without a traceback (``--debug`` shows it).
 """
@@ -42,6 +42,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from metric_ds.commands.evaluate import evaluate_command
 
     evaluate_command(args)
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from metric_ds.commands.export import export_command
+
+    export_command(args)
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
@@ -97,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--knn-k", type=int, default=10)
     sp.add_argument("--distance", choices=["cos", "l2"], default="cos")
     sp.set_defaults(fn=_cmd_evaluate)
+
+    sp = sub.add_parser("export", help="export a model for sentence-transformers (st) or ONNX Runtime (onnx)")
+    sp.add_argument("source", metavar="RUN_OR_MODEL", help="a run folder (its best/ is exported) or an export folder")
+    sp.add_argument("--format", required=True, choices=["st", "onnx"],
+                    help="st: a sentence-transformers folder; onnx: model.onnx with the tokenizer beside it")
+    sp.add_argument("--output", required=True, help="a new (or empty) folder")
+    sp.set_defaults(fn=_cmd_export)
 
     sp = sub.add_parser("report", help="plots and an HTML report of a run")
     sp.add_argument("run_dir", help="the run folder (checkpoints_dir/run_name)")

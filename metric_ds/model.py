@@ -166,7 +166,7 @@ class MetricClassifier(nn.Module):
 
 def export_model(
     state_dict: dict[str, torch.Tensor], model: MetricClassifier, tokenizer: Any, out_dir: str | Path,
-    extra_files: dict[str, Any] | None = None,
+    extra_files: dict[str, Any] | None = None, max_seq_length: int | None = None,
 ) -> None:
     """Write an HF-format export of ``model`` using the (possibly ZeRO-3-gathered) ``state_dict``.
 
@@ -176,6 +176,7 @@ def export_model(
         tokenizer: saved beside the encoder.
         out_dir: the folder (created; the caller makes the write atomic).
         extra_files: ``name -> JSON-able data`` written as ``name`` (e.g. labels.json, metrics.json).
+        max_seq_length: the training truncation length, for the sentence-transformers files.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -188,6 +189,9 @@ def export_model(
     (out / HEADS_META).write_text(json.dumps(model.heads_meta(), indent=2))
     for name, data in (extra_files or {}).items():
         (out / name).write_text(json.dumps(data, indent=2, default=str))
+    from metric_ds.export import write_sentence_transformers
+
+    write_sentence_transformers(out, max_seq_length)
 
 
 def load_exported(folder: str | Path, attn_implementation: str = "sdpa") -> tuple[MetricClassifier, Any]:

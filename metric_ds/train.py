@@ -477,7 +477,7 @@ class Trainer:
                     "labels.json": self.label_map.to_json(),
                     "metrics.json": {"step": self.state.global_step, **record},
                     "training_data.json": {"train": str(Path(self.cfg.data.parquet_path).resolve())},
-                })
+                }, max_seq_length=self.cfg.training.max_seq_length)
                 save_config(self.cfg, folder / "metric_ds_config.yaml")
 
             try:

@@ -1,0 +1,61 @@
+"""``metric-ds export RUN_OR_MODEL --format st|onnx --output DIR``: a copy of a model for other tools.
+
+``st`` copies the export (encoder, tokenizer, heads, labels, config) and (re)writes its sentence-transformers
+files; ``onnx`` writes ``model.onnx`` with the tokenizer and labels beside it (see :mod:`metric_ds.export`).
+The output folder appears whole or not at all: it is built beside its destination and renamed into place.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from metric_ds.errors import UserError
+from metric_ds.export import export_onnx, resolve_export, training_max_seq_length, write_sentence_transformers
+
+FORMATS = ("st", "onnx")
+
+
+def _check_output(output: Path) -> None:
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output}: a file of that name exists; give a new folder")
+    if output.is_dir() and any(output.iterdir()):
+        raise UserError(f"--output {output}: the folder exists and is not empty; give a new or empty folder "
+                        "(export never overwrites)")
+
+
+def export(source: str | Path, fmt: str, output: str | Path) -> Path:
+    """Export the model in ``source`` (a run folder or an export folder) as ``fmt`` into ``output``.
+
+    Returns:
+        the export folder that was read.
+
+    Raises:
+        UserError: an unknown format, a source that is not an export, an output folder that is not empty.
+    """
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt!r}: unknown export format; use one of {', '.join(FORMATS)}")
+    output = Path(output)
+    _check_output(output)
+    folder = resolve_export(source)
+    tmp = output.parent / f".tmp-{output.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if fmt == "st":
+            shutil.copytree(folder, tmp, ignore=shutil.ignore_patterns("eval"))
+            write_sentence_transformers(tmp, training_max_seq_length(folder), strict=True)
+        else:
+            diffs = export_onnx(folder, tmp)
+            print("ONNX Runtime vs PyTorch, largest difference: "
+                  + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
+        if output.is_dir():
+            output.rmdir()  # empty (checked above)
+        tmp.rename(output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def export_command(args: argparse.Namespace) -> None:
+    folder = export(args.source, args.format, args.output)
+    print(f"exported {folder} as {args.format}: {args.output}")
