@@ -93,7 +93,10 @@ class TrainingConfig(_Section):
     metric_loss_weight: float = Field(1.0, ge=0)
     supcon_impl: Literal["auto", "fused", "reference"] = "auto"
     supcon_scope: Literal["global", "local"] = Field("global", description="SupCon negatives from all ranks or own.")
-    contrastive_batch: Literal["micro"] = Field("micro", description="The SupCon batch is the micro-batch.")
+    contrastive_batch: Literal["micro", "accumulated"] = Field(
+        "micro", description="The SupCon (and CE) batch: each (global) micro-batch on its own, or every row of the "
+                             "gradient_accumulation_steps micro-batches of an optimizer step (gradient caching: a "
+                             "second forward per micro-batch, the memory of one).")
     max_steps: int | None = Field(None, gt=0, description="Cap on optimizer steps (smoke runs).")
     log_every_n_steps: int = Field(10, gt=0)
     eval_every_n_steps: int | None = Field(None, gt=0, description="Also validate every N steps (always at epoch end).")

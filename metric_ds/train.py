@@ -53,6 +53,7 @@ from metric_ds.data.sampler import PKBatchSampler, RandomBatchSampler
 from metric_ds.ds_config import build_ds_config
 from metric_ds.errors import UserError
 from metric_ds.evaluator import ShardedBatches, collect_outputs, compute_metrics
+from metric_ds.grad_cache import accumulated_step
 from metric_ds.losses import JointLoss, LossTerms, TermWindow
 from metric_ds.metrics import lower_is_better
 from metric_ds.model import MetricClassifier, export_model, load_encoder, model_inputs
@@ -191,6 +192,7 @@ class Trainer:
         self.bank = _build_bank(cfg, model, self.device)
         self.state = LoopState()
         self.last_val: dict[str, float] = {}
+        self._memory_note: dict[str, float] = {}  # accumulated windows on CUDA: activation memory, logged
         self._open_run_folder()
         self.tracker = build_trackers(cfg.logging.backends + (["neptune"] if cfg.neptune.enabled and
                                                               "neptune" not in cfg.logging.backends else []),
@@ -275,15 +277,23 @@ class Trainer:
                 collate_fn=self.collator, num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda",
                 generator=torch.Generator().manual_seed(t.seed),  # keeps the global RNG untouched
             )
+            pending: list[dict[str, torch.Tensor]] = []
             for batch in loader:
                 window_len, boundary = accumulation_window(st.batch_in_epoch, self.micro_per_epoch,
                                                            t.gradient_accumulation_steps)
                 will_log = boundary and ((st.global_step + 1) % t.log_every_n_steps == 0
                                          or st.global_step + 1 == self.total_steps)
-                terms, manual_norm = self._train_micro_batch(batch, window_len, boundary, will_log)
                 st.batch_in_epoch += 1
+                if t.contrastive_batch == "accumulated":
+                    pending.append(batch)
+                    if not boundary:
+                        continue
+                    terms, manual_norm = self._train_window(pending, will_log)
+                    pending = []
+                else:
+                    terms, manual_norm = self._train_micro_batch(batch, window_len, boundary, will_log)
                 st.samples_seen += terms.counts.rows
-                window.add(terms)
+                window.add(terms, micro_batches=window_len if t.contrastive_batch == "accumulated" else 1)
                 if not boundary:
                     continue
                 st.global_step += 1
@@ -331,6 +341,30 @@ class Trainer:
             self._bank_add(out.h, batch["metric_mask"], terms, self.state.global_step + 1)
         return terms, manual_norm
 
+    def _train_window(self, batches: list[dict[str, torch.Tensor]], will_log: bool
+                      ) -> tuple[LossTerms, torch.Tensor | None]:
+        """One optimizer step whose contrastive batch is every row of the accumulation window
+        (``training.contrastive_batch: accumulated``, :mod:`metric_ds.grad_cache`), then the bank."""
+        norm: list[torch.Tensor | None] = [None]
+
+        def before_step() -> None:
+            if will_log:
+                norm[0] = self._grad_norm_before_step()
+
+        on_cuda = self.device.type == "cuda"
+        if on_cuda and will_log:
+            base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        result = accumulated_step(self.engine, self.loss_fn, [_to_device(b, self.device) for b in batches],
+                                  before_step)
+        if on_cuda and will_log:  # the activations of one micro-batch; a micro-batch of all rows needs ~len x that
+            peak = (torch.cuda.max_memory_allocated(self.device) - base) / 2**20
+            self._memory_note = {"train/activation_peak_mb": peak,
+                                 "train/memory_saved_mb_est": peak * (len(batches) - 1)}
+        if self.bank is not None:
+            self._bank_add(result.h, result.metric_mask, result.terms, self.state.global_step + 1)
+        return result.terms, norm[0]
+
     def _log_train(self, window: TermWindow, elapsed: float, manual_norm: torch.Tensor | None, bar: Any) -> None:
         """The one host read of a logging window: its loss terms, lr, grad norm and throughput."""
         t = self.cfg.training
@@ -339,6 +373,7 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = manual_norm if grad_norm is None else grad_norm
         record = {f"train/{'loss' if k == 'total' else k}": v for k, v in terms.items()}
+        record.update(self._memory_note)
         record.update({
             "train/lr": lr,
             "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),

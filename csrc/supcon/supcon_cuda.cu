@@ -27,41 +27,41 @@ constexpr int kWarps = kThreads / 32;
 __device__ __forceinline__ float dev_exp(float x) { return expf(x); }
 __device__ __forceinline__ double dev_exp(double x) { return exp(x); }
 
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+struct SumOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
+};
+struct MaxOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return fmax(a, b); }
+};
+
+template <typename T, typename Op>
+__device__ __forceinline__ T warp_reduce(T v, Op op) {
+  for (int offset = 16; offset > 0; offset >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
   return v;
 }
 
-template <typename T>
-__device__ __forceinline__ T warp_max(T v) {
-  for (int offset = 16; offset > 0; offset >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, offset));
-  return v;
-}
-
-// Block-wide sum / max; every thread gets the result. `scratch` holds kWarps values.
-template <typename T>
-__device__ T block_sum(T v, T* scratch) {
+// Block-wide reduction with `op` (`identity` pads the lanes past the last warp); every thread gets the result.
+// `scratch` holds kWarps values.
+template <typename T, typename Op>
+__device__ T block_reduce(T v, T* scratch, T identity, Op op) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  v = warp_sum(v);
+  v = warp_reduce(v, op);
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
-  T r = lane < kWarps ? scratch[lane] : T(0);
-  r = warp_sum(r);
+  T r = lane < kWarps ? scratch[lane] : identity;
+  r = warp_reduce(r, op);
   __syncthreads();  // scratch is reused by the next reduction
   return r;
 }
 
 template <typename T>
+__device__ T block_sum(T v, T* scratch) { return block_reduce(v, scratch, T(0), SumOp{}); }
+
+template <typename T>
 __device__ T block_max(T v, T* scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  v = warp_max(v);
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  T r = lane < kWarps ? scratch[lane] : -std::numeric_limits<T>::infinity();
-  r = warp_max(r);
-  __syncthreads();
-  return r;
+  return block_reduce(v, scratch, -std::numeric_limits<T>::infinity(), MaxOp{});
 }
 
 template <typename T>
