@@ -40,6 +40,7 @@ from metric_ds.ds_config import build_ds_config, check_precision
 from metric_ds.evaluator import ShardedBatches, collect_outputs, compute_metrics
 from metric_ds.losses import JointLoss
 from metric_ds.model import MetricClassifier, export_model, load_encoder
+from metric_ds.progress import progress_bar
 from metric_ds.tracking import build_trackers
 
 GREATER_IS_BETTER = {"loss": False, "acc": True, "f1": True, "knn_acc": True, "knn_f1": True}
@@ -212,8 +213,7 @@ class Trainer:
         cfg, t, st = self.cfg, self.cfg.training, self.state
         start_wall = time.perf_counter()
         samples_at_start = st.samples_seen
-        bar = tqdm(total=self.total_steps, initial=st.global_step, disable=not D.is_main(), desc="train",
-                   dynamic_ncols=True)
+        bar = progress_bar(self.total_steps, "train", initial=st.global_step, setting=cfg.logging.progress)
         window: dict[str, float] = {}
         window_micro, window_t0, window_samples = 0, time.perf_counter(), 0
         done = st.global_step >= self.total_steps
@@ -347,7 +347,8 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         cfg, t, mv = self.cfg, self.cfg.training, self.cfg.metric_validation
-        batches = ShardedBatches(len(self.val_ds), t.batch_size, D.rank(), D.world_size())
+        batches = ShardedBatches(len(self.val_ds), mv.eval_batch_size or 4 * t.batch_size, D.rank(), D.world_size(),
+                                 lengths=self.val_ds.lengths)
         loader = torch.utils.data.DataLoader(self.val_ds, batch_sampler=batches, collate_fn=self.collator,
                                              num_workers=0)
         dummy = self.collator([self.val_ds[0]]) if len(self.val_ds) else None
