@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -53,6 +54,7 @@ def main() -> None:
                 res = evaluate(Path(tmp) / "best", table, batch_size=args.batch_size, device=args.device,
                                length_sorted=name == "sorted")
                 times[name].append(time.perf_counter() - t0)
+                print(f"{name}: {times[name][-1]:.1f} s", file=sys.stderr, flush=True)
                 accs[name] = res["accuracy"]
     assert accs["sorted"] == accs["unsorted"], accs  # same predictions in the same order
     best = {k: min(v) for k, v in times.items()}

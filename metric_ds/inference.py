@@ -199,7 +199,7 @@ class MetricModel:
         own = bar is None
         if own:
             enabled = n >= PROGRESS_MIN_ROWS if show_progress is None else show_progress
-            bar = progress_bar(n, "embed", unit="texts", enabled=enabled)
+            bar = progress_bar(n, "inference", unit="texts", enabled=enabled)
         out: dict[str, torch.Tensor] = {}
         try:
             for rows in batches:

@@ -112,56 +112,41 @@ def test_tables_are_streamed_in_chunks(tmp_path, tiny_run, monkeypatch):
     assert seen == [8] * 6 + [2]
 
 
+NO_TEXT = make_frame(10).rename(columns={"text": "utterance"})
+# case -> (input file and its content: a DataFrame, raw text or None for no file; output name; expected message)
+BAD = {
+    "missing_text_column": ("in.parquet", NO_TEXT, "out.parquet", "no column 'text' (it has utterance, label"),
+    "missing_text_column_csv": ("in.csv", NO_TEXT, "out.parquet", "no column 'text' (it has utterance, label"),
+    "missing_text_column_jsonl": ("in.jsonl", NO_TEXT, "out.parquet", "no column 'text' (it has utterance"),
+    "empty_file": ("in.csv", "", "out.parquet", "the file is empty"),
+    "header_only": ("in.csv", "text,label\n", "out.parquet", "the table has no rows"),
+    "missing_input": ("in.csv", None, "out.parquet", "file not found"),
+    "not_an_export": ("in.csv", make_frame(10), "out.parquet", "is not a metric_ds export"),
+    "unknown_input_extension": ("in.xlsx", "x", "out.parquet", "unknown table extension '.xlsx'"),
+    "unknown_output_extension": ("in.csv", make_frame(10), "out.txt", "unknown output extension '.txt'"),
+    "output_is_input": ("in.parquet", make_frame(10), "in.parquet", "is the input file"),
+}
+
+
 def _bad_case(tmp_path: Path, tiny_run: Path, tiny_model_dir: Path, case: str) -> tuple[list[str], str]:
-    good = tmp_path / "in.csv"
-    make_frame(10).to_csv(good, index=False)
-    model, src, out = tiny_run / "best", good, tmp_path / "out.parquet"
-    if case == "missing_text_column":
-        src = tmp_path / "notext.parquet"
-        make_frame(10).rename(columns={"text": "utterance"}).to_parquet(src)
-        expect = "no column 'text' (it has utterance, label"
-    elif case == "missing_text_column_csv":
-        src = tmp_path / "notext.csv"
-        make_frame(10).rename(columns={"text": "utterance"}).to_csv(src, index=False)
-        expect = "no column 'text'"
-    elif case == "empty_file":
-        src = tmp_path / "empty.csv"
-        src.write_text("")
-        expect = "the file is empty"
-    elif case == "header_only":
-        src = tmp_path / "header.csv"
-        src.write_text("text,label\n")
-        expect = "the table has no rows"
-    elif case == "missing_input":
-        src = tmp_path / "nope.csv"
-        expect = "file not found"
-    elif case == "not_an_export":
-        model = tiny_model_dir
-        expect = "is not a metric_ds export"
-    elif case == "unknown_input_extension":
-        src = tmp_path / "in.xlsx"
-        src.write_text("x")
-        expect = "unknown table extension '.xlsx'"
-    elif case == "unknown_output_extension":
-        out = tmp_path / "out.txt"
-        expect = "unknown output extension '.txt'"
-    else:  # output is the input
-        src = out = tmp_path / "in.parquet"
-        make_frame(10).to_parquet(src)
-        expect = "is the input file"
-    return ["--model", str(model), "--input", str(src), "--output", str(out), "--device", "cpu"], expect
+    name, content, out, expect = BAD[case]
+    src = tmp_path / name
+    if isinstance(content, pd.DataFrame):
+        WRITERS[src.suffix](content, src)
+    elif content is not None:
+        src.write_text(content)
+    model = tiny_model_dir if case == "not_an_export" else tiny_run / "best"
+    return ["--model", str(model), "--input", str(src), "--output", str(tmp_path / out), "--device", "cpu"], expect
 
 
 @pytest.mark.parametrize("command", ["predict", "embed"])
-@pytest.mark.parametrize("case", ["missing_text_column", "missing_text_column_csv", "empty_file", "header_only",
-                                  "missing_input", "not_an_export", "unknown_input_extension",
-                                  "unknown_output_extension", "output_is_input"])
+@pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_is_refused_and_nothing_written(tmp_path, tiny_run, tiny_model_dir, capsys, command, case):
     args, expect = _bad_case(tmp_path, tiny_run, tiny_model_dir, case)
     before = {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
     assert main([command, *args]) == 1
     err = capsys.readouterr().err
-    assert f"error: " in err and expect in err and "Traceback" not in err, err
+    assert "error: " in err and expect in err and "Traceback" not in err, err
     assert {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before  # nothing new, nothing changed
 
 

@@ -88,9 +88,9 @@ def _fill(values: Any, ok: np.ndarray, dtype: Any) -> pd.Series:
 def predict_command(args: argparse.Namespace) -> None:
     """``metric-ds predict``: add ``pred_label``, ``pred_score`` (and ``topI_label``/``topI_score`` for
     ``--top-k K > 1``, ``knn_label``/``knn_score`` with ``--bank-data``) to every row of a table."""
+    if args.top_k < 1 or args.knn_k < 1:
+        raise UserError(f"--top-k and --knn-k must be >= 1, got {args.top_k} and {args.knn_k}")
     job = prepare_job(args, ("parquet", "csv", "jsonl"))
-    if args.top_k < 1:
-        raise UserError(f"--top-k must be >= 1, got {args.top_k}")
     model = job.model
     label_dtype = "Int64" if model.label_map.to_json()["type"] == "int" else pd.StringDtype()
     bank = model.bank_from_table(args.bank_data) if args.bank_data else None
