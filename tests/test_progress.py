@@ -3,14 +3,14 @@ only rank 0 speaks."""
 from __future__ import annotations
 
 import io
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import REPO, make_frame
+from conftest import REPO
+from test_launch import _env as _launch_env
+from test_launch import config  # noqa: F401 - the 2-rank run's config fixture
 
 from metric_ds.distributed import free_port
 from metric_ds.errors import UserError
@@ -78,25 +78,13 @@ def test_factory_plain_on_rank_0(monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_two_rank_training_log_file_has_no_redraws_or_duplicates(tmp_path, tiny_model_dir):
+def test_two_rank_training_log_file_has_no_redraws_or_duplicates(tmp_path, config):
     """A 2-process training with stdout and stderr sent to one file, as under nohup or a batch scheduler."""
-    table = tmp_path / "t.parquet"
-    make_frame(96).to_parquet(table)
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "run_name": "log", "model_name": str(tiny_model_dir), "data": {"parquet_path": str(table)},
-        "training": {"batch_size": 8, "num_epochs": 1, "max_steps": 3, "max_seq_length": 16,
-                     "log_every_n_steps": 1, "supcon_impl": "reference"},
-        "checkpointing": {"checkpoints_dir": str(tmp_path / "runs")},
-    }))
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE",
-                        "METRIC_DS_PROGRESS")}
-    env["OMP_NUM_THREADS"] = "1"
+    env = {k: v for k, v in _launch_env().items() if k != "METRIC_DS_PROGRESS"}
     log = tmp_path / "train.log"
     with open(log, "w") as fh:
         proc = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2",
-                               "--master_port", str(free_port()), "-m", "metric_ds.train", "--config", str(cfg)],
+                               "--master_port", str(free_port()), "-m", "metric_ds.train", "--config", str(config)],
                               cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=600)
     text = log.read_text()
     assert proc.returncode == 0, text[-3000:]
