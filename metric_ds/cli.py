@@ -1,4 +1,4 @@
-"""The ``metric-ds`` command: train, validate, prepare, evaluate, export, report, env.
+"""The ``metric-ds`` command: train, validate, prepare, evaluate, predict, embed, export, report, env.
 
 User errors print ``error: ...`` lines on stderr and exit 1 without a traceback (``--debug`` shows it).
 """
@@ -48,6 +48,28 @@ def _cmd_export(args: argparse.Namespace) -> None:
     from metric_ds.commands.export import export_command
 
     export_command(args)
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from metric_ds.commands.predict import predict_command
+
+    predict_command(args)
+
+
+def _cmd_embed(args: argparse.Namespace) -> None:
+    from metric_ds.commands.predict import embed_command
+
+    embed_command(args)
+
+
+def _add_inference_arguments(sp: argparse.ArgumentParser, outputs: str) -> None:
+    sp.add_argument("--model", required=True, help="a run's best/ folder (or the run folder)")
+    sp.add_argument("--input", required=True, help="table of texts (.parquet, .csv or .jsonl); every column is kept")
+    sp.add_argument("--output", required=True, help=f"output file ({outputs}), written only when complete")
+    sp.add_argument("--text-column", default="text")
+    sp.add_argument("--batch-size", type=int, default=64, help="texts per forward pass")
+    sp.add_argument("--chunk-size", type=int, default=10_000, help="rows read, tokenised and written at a time")
+    sp.add_argument("--device", default=None, help="cuda, cuda:1, cpu... (default: the GPU when there is one)")
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
@@ -102,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--recall-at-k", type=int, nargs="+", default=[1, 5, 10])
     sp.add_argument("--knn-k", type=int, default=10)
     sp.add_argument("--distance", choices=["cos", "l2"], default="cos")
+    sp.add_argument("--device", default=None, help="cuda, cpu... (default: the GPU when there is one)")
     sp.set_defaults(fn=_cmd_evaluate)
 
     sp = sub.add_parser("export", help="export a model for sentence-transformers (st) or ONNX Runtime (onnx)")
@@ -110,6 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="st: a sentence-transformers folder; onnx: model.onnx with the tokenizer beside it")
     sp.add_argument("--output", required=True, help="a new (or empty) folder")
     sp.set_defaults(fn=_cmd_export)
+
+    sp = sub.add_parser("predict", help="classify the texts of a table with a trained model")
+    _add_inference_arguments(sp, ".parquet, .csv or .jsonl")
+    sp.add_argument("--top-k", type=int, default=1, help="also write the K best labels and their probabilities")
+    sp.add_argument("--bank-data", default=None, help="labelled table (text, label): add knn_label, a k-NN vote")
+    sp.add_argument("--knn-k", type=int, default=10)
+    sp.add_argument("--distance", choices=["cos", "l2"], default="cos")
+    sp.set_defaults(fn=_cmd_predict)
+
+    sp = sub.add_parser("embed", help="embed the texts of a table with a trained model")
+    _add_inference_arguments(sp, ".parquet: an embedding column beside the input's; .npy: an N x D matrix")
+    sp.add_argument("--which", choices=["z", "h"], default="z",
+                    help="z: the SupCon embedding; h: the pooled vector the classifier reads")
+    sp.add_argument("--no-normalize", action="store_true", help="keep the vectors' norms")
+    sp.set_defaults(fn=_cmd_embed)
 
     sp = sub.add_parser("report", help="plots and an HTML report of a run")
     sp.add_argument("run_dir", help="the run folder (checkpoints_dir/run_name)")

@@ -167,6 +167,9 @@ class MetricValidationConfig(_Section):
     distance: Literal["cos", "l2"] = "cos"
     knn_k: int = Field(10, gt=0)
     keep_last_n_emb_steps: int = Field(50, ge=0, description="Bank holds metric rows of the last N optimizer steps.")
+    eval_batch_size: int | None = Field(
+        None, gt=0, description="Rows per validation forward (no gradients, so larger); null: 4 x training.batch_size."
+    )
 
     @field_validator("recall_at_k")
     @classmethod
@@ -191,6 +194,9 @@ class LoggingConfig(_Section):
 
     backends: list[Literal["jsonl", "console", "tensorboard", "neptune"]] = Field(
         default_factory=lambda: ["jsonl", "console"]
+    )
+    progress: Literal["auto", "bar", "plain", "off"] = Field(
+        "auto", description="Progress bar; auto: a bar on a terminal, plain lines in a file. Env METRIC_DS_PROGRESS wins."
     )
 
 

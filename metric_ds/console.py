@@ -33,9 +33,33 @@ def setup_console() -> None:
             print(f"warning: {message}", file=sys.stderr)
 
     warnings.showwarning = show
-    for name in ("transformers", "torch.distributed", "DeepSpeed"):
+    for name in ("transformers", "torch.distributed", "torch.utils.cpp_extension", "DeepSpeed"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # DeepSpeed resets its logger's level when it is imported (after us); a filter stays.
+    if _errors_only not in logging.getLogger("DeepSpeed").filters:
+        logging.getLogger("DeepSpeed").addFilter(_errors_only)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers' "Loading weights" / "Writing model shards" bars: \r redraws in log files, once per rank
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        quiet_other_ranks()
+
+
+def _errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
+
+
+def quiet_other_ranks() -> None:
+    """Ranks other than 0 print no warnings and nothing on stdout (rank 0 says the same once); errors still show.
+
+    Libraries print start-up chatter from every process (DeepSpeed's "... built successfully"); in a log file
+    each line would appear once per rank.
+    """
+    log.setLevel(logging.ERROR)
+    warnings.showwarning = lambda *args, **kwargs: None
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
 
 
 def run_guarded(fn: Callable[[], Any], debug: bool = False) -> int:

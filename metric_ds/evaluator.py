@@ -7,13 +7,14 @@ loop, so ``metric-ds evaluate`` reuses it on an exported model.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 
 from metric_ds import distributed as D
 from metric_ds import ops
+from metric_ds.data.collate import length_sorted_batches
 from metric_ds.metrics import accuracy, macro_f1, retrieval_metrics
 from metric_ds.model import model_inputs
 
@@ -21,14 +22,22 @@ OUTPUT_KEYS = ("logits", "h", "z", "labels", "classifier_mask", "metric_mask", "
 
 
 class ShardedBatches:
-    """Batch sampler over ``range(n)`` in order, batch ``b`` going to rank ``b % W``.
+    """Batch sampler over ``range(n)``, batch ``b`` going to rank ``b % W``.
 
-    Every rank yields the same number of batches (an empty list pads the tail) so that collective forwards
-    (ZeRO-3) never hang.
+    With ``lengths`` (tokens per row, the same on every rank) the batches hold rows of similar length, longest
+    first, so little time goes into padding; :func:`collect_outputs` puts the rows back in order by ``index``.
+    Without, the rows go in order. Every rank yields the same number of batches (an empty list pads the tail)
+    so that collective forwards (ZeRO-3) never hang.
     """
 
-    def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1):
-        self.batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                 lengths: Sequence[int] | None = None):
+        if lengths is not None:
+            if len(lengths) != n:
+                raise ValueError(f"ShardedBatches: {len(lengths)} lengths for {n} rows")
+            self.batches = length_sorted_batches(lengths, batch_size)
+        else:
+            self.batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
         per_rank = math.ceil(len(self.batches) / world_size) if self.batches else 0
         self.mine = [self.batches[b] if b < len(self.batches) else []
                      for b in range(rank, per_rank * world_size, world_size)]

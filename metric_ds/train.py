@@ -59,6 +59,7 @@ from metric_ds.metrics import lower_is_better
 from metric_ds.model import MetricClassifier, export_model, load_encoder, model_inputs
 from metric_ds.preflight import preflight
 from metric_ds.resume_check import check_resume
+from metric_ds.progress import progress_bar
 from metric_ds.tracking import build_trackers
 
 
@@ -262,8 +263,7 @@ class Trainer:
             return json.loads((self.run_dir / "summary.json").read_text())
         start_wall = time.perf_counter()
         samples_at_start = st.samples_seen
-        bar = tqdm(total=self.total_steps, initial=st.global_step, disable=not D.is_main(), desc="train",
-                   dynamic_ncols=True)
+        bar = progress_bar(self.total_steps, "train", initial=st.global_step, setting=cfg.logging.progress)
         window = TermWindow(t.classification_loss_weight, t.metric_loss_weight)
         window_t0 = time.perf_counter()
         done = st.global_step >= self.total_steps
@@ -465,7 +465,8 @@ class Trainer:
 
     def _validate(self) -> dict[str, float]:
         cfg, t, mv = self.cfg, self.cfg.training, self.cfg.metric_validation
-        batches = ShardedBatches(len(self.val_ds), t.batch_size, D.rank(), D.world_size())
+        batches = ShardedBatches(len(self.val_ds), mv.eval_batch_size or 4 * t.batch_size, D.rank(), D.world_size(),
+                                 lengths=self.val_ds.lengths)
         loader = torch.utils.data.DataLoader(self.val_ds, batch_sampler=batches, collate_fn=self.collator,
                                              num_workers=0, pin_memory=self.device.type == "cuda",
                                              generator=torch.Generator().manual_seed(t.seed))

@@ -60,3 +60,25 @@ def tiny_table(tmp_path) -> Path:
     path = tmp_path / "train.parquet"
     make_frame().to_parquet(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """A finished 3-step training of the tiny BERT (run folder with best/), for tests that use a trained model."""
+    from metric_ds.config import validate_config
+    from metric_ds.train import Trainer
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    table = root / "train.parquet"
+    make_frame(96).to_parquet(table)
+    cfg = validate_config({
+        "run_name": "tiny", "model_name": str(tiny_model_dir), "data": {"parquet_path": str(table)},
+        "training": {"batch_size": 8, "num_epochs": 1, "max_steps": 3, "max_seq_length": 16,
+                     "supcon_impl": "reference", "log_every_n_steps": 1},
+        "model": {"projection_dim": 16},
+        "optimizer": {"learning_rate": 1e-3},
+        "checkpointing": {"checkpoints_dir": str(root / "runs"), "save_best_by": "loss"},
+        "logging": {"backends": ["jsonl"], "progress": "off"},
+    })
+    Trainer(cfg).fit()
+    return root / "runs" / "tiny"

@@ -22,6 +22,7 @@ from metric_ds.data.validation import validate_frame
 from metric_ds.errors import UserError
 from metric_ds.evaluator import ShardedBatches, collect_outputs
 from metric_ds.metrics import accuracy, confusion_pairs, macro_f1, per_class_f1, retrieval_metrics
+from metric_ds.inference import default_device
 from metric_ds.model import load_exported
 
 
@@ -34,32 +35,41 @@ def _encode(df: Any, label_map: LabelMap, source: str) -> Any:
     return df
 
 
-def embed_table(model: torch.nn.Module, tokenizer: Any, df: Any, max_seq_length: int, batch_size: int
-                ) -> dict[str, torch.Tensor]:
-    """Run the model over every row of a validated, encoded table (row order kept)."""
+def embed_table(model: torch.nn.Module, tokenizer: Any, df: Any, max_seq_length: int, batch_size: int,
+                device: torch.device | None = None, length_sorted: bool = True) -> dict[str, torch.Tensor]:
+    """Run the model over every row of a validated, encoded table (outputs in row order).
+
+    Args:
+        device: where ``model`` is (default: the CPU).
+        length_sorted: batch rows of similar length together (less padding; the order is restored).
+    """
     dataset = TextDataset.from_frame(df, tokenizer, max_seq_length)
     collator = Collator(tokenizer)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=ShardedBatches(len(dataset), batch_size),
-                                         collate_fn=collator)
-    return collect_outputs(model, loader, torch.device("cpu"))
+    batches = ShardedBatches(len(dataset), batch_size, lengths=dataset.lengths if length_sorted else None)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collator)
+    return collect_outputs(model, loader, device or torch.device("cpu"))
 
 
 def evaluate(model_dir: str | Path, data: str | Path, bank_data: str | Path | None = None, batch_size: int = 128,
              max_seq_length: int | None = None, recall_at_k: list[int] = (1, 5, 10), knn_k: int = 10,
-             distance: str = "cos") -> dict[str, Any]:
-    """Evaluate an export on a table; returns the JSON-able results."""
+             distance: str = "cos", device: str | torch.device | None = None,
+             length_sorted: bool = True) -> dict[str, Any]:
+    """Evaluate an export on a table (on ``device``, default the GPU when there is one); returns the JSON-able
+    results."""
     model_dir = Path(model_dir)
     if bank_data is not None and not Path(bank_data).is_file():
         raise UserError(f"--bank-data: {bank_data} does not exist; give a prepared table to build the retrieval "
                         "bank from, or leave --bank-data out to use the model's training file")
+    device = default_device() if device is None else torch.device(device)
     model, tokenizer = load_exported(model_dir)
+    model.to(device)
     label_map = LabelMap.load(model_dir / "labels.json")
     cfg_path = model_dir / "metric_ds_config.yaml"
     train_cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
     if max_seq_length is None:
         max_seq_length = int(train_cfg.get("training", {}).get("max_seq_length", 128))
     df = _encode(validate_frame(read_table(data), str(data)), label_map, str(data))
-    out = embed_table(model, tokenizer, df, max_seq_length, batch_size)
+    out = embed_table(model, tokenizer, df, max_seq_length, batch_size, device, length_sorted)
     names = label_map.names
     # absolute paths: the JSON is read later from other working directories (the report, the study)
     results: dict[str, Any] = {"model": str(model_dir.resolve()), "data": str(Path(data).resolve()), "rows": len(df)}
@@ -82,7 +92,7 @@ def evaluate(model_dir: str | Path, data: str | Path, bank_data: str | Path | No
     mm = out["metric_mask"].bool()
     if bank_data is not None and Path(bank_data).is_file() and mm.any():
         bank_df = _encode(validate_frame(read_table(bank_data), str(bank_data)), label_map, str(bank_data))
-        bank_out = embed_table(model, tokenizer, bank_df, max_seq_length, batch_size)
+        bank_out = embed_table(model, tokenizer, bank_df, max_seq_length, batch_size, device, length_sorted)
         bm = bank_out["metric_mask"].bool()
         bank = (bank_out["z"][bm], bank_out["h"][bm], bank_out["labels"][bm])
         results["retrieval"] = retrieval_metrics(out["z"][mm], out["h"][mm], out["labels"][mm], bank,
@@ -107,7 +117,7 @@ def format_results(results: dict[str, Any]) -> str:
 
 def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
     results = evaluate(args.model, args.data, args.bank_data, args.batch_size, args.max_seq_length,
-                       args.recall_at_k, args.knn_k, args.distance)
+                       args.recall_at_k, args.knn_k, args.distance, args.device)
     output = Path(args.output) if args.output else Path(args.model) / "eval" / f"{Path(args.data).stem}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2))

@@ -1,6 +1,7 @@
 """Datasets and batching: texts tokenised once, padded per batch to the batch's longest (dynamic padding)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -8,6 +9,7 @@ import pandas as pd
 import torch
 
 _TOKEN_KEYS = ("input_ids", "token_type_ids")
+_ROW_KEYS = {"labels": torch.int64, "metric_mask": torch.bool, "classifier_mask": torch.bool, "index": torch.int64}
 
 
 class TextDataset(torch.utils.data.Dataset):
@@ -51,6 +53,11 @@ class TextDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens per row (for length-sorted batches)."""
+        return [len(ids) for ids in self.encodings["input_ids"]]
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = {k: v[i] for k, v in self.encodings.items()}
         item.update(labels=int(self.labels[i]), metric_mask=bool(self.metric_mask[i]),
@@ -69,7 +76,7 @@ class Collator:
     Returns:
         (from ``__call__``) ``input_ids``, ``attention_mask`` (and ``token_type_ids`` if the rows have them):
         (B, L) int64 with L the batch's longest row; ``labels``, ``index``: (B,) int64; ``metric_mask``,
-        ``classifier_mask``: (B,) bool.
+        ``classifier_mask``: (B,) bool (each only when the rows have it).
     """
 
     def __init__(self, tokenizer: Any):
@@ -91,8 +98,17 @@ class Collator:
         out = {"input_ids": ids, "attention_mask": mask}
         if has_tt:
             out["token_type_ids"] = tt
-        out["labels"] = torch.tensor([r["labels"] for r in rows], dtype=torch.int64)
-        out["metric_mask"] = torch.tensor([r["metric_mask"] for r in rows], dtype=torch.bool)
-        out["classifier_mask"] = torch.tensor([r["classifier_mask"] for r in rows], dtype=torch.bool)
-        out["index"] = torch.tensor([r["index"] for r in rows], dtype=torch.int64)
+        for key, dtype in _ROW_KEYS.items():
+            if not rows or key in rows[0]:  # rows to predict on have no labels or masks
+                out[key] = torch.tensor([r[key] for r in rows], dtype=dtype)
         return out
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Row positions grouped into batches of similar length, longest first.
+
+    Padding to each batch's longest row then wastes little, and a batch that does not fit in memory shows at
+    once. The sort is stable, so equal lengths keep their order; callers restore row order from the positions.
+    """
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable").tolist()
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]

@@ -28,6 +28,17 @@ def table_format(path: str | Path) -> str:
     return READERS[suffix]
 
 
+def check_file(path: Path) -> None:
+    """Raise a :class:`UserError` unless ``path`` is an existing, non-empty file."""
+    if not path.exists():
+        raise UserError(f"{path.resolve()}: file not found; check the path (data.parquet_path, "
+                        "data.val_parquet_path or --input)")
+    if path.is_dir():
+        raise UserError(f"{path.resolve()}: is a folder, not a table file")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: the file is empty")
+
+
 def read_table(path: str | Path) -> pd.DataFrame:
     """Read a table; errors name the file and say what is wrong with it.
 
@@ -48,13 +59,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
     """
     path = Path(path)
     fmt = table_format(path)
-    if not path.exists():
-        raise UserError(f"{path.resolve()}: file not found; check the path (data.parquet_path, "
-                        "data.val_parquet_path or --input)")
-    if path.is_dir():
-        raise UserError(f"{path.resolve()}: is a folder, not a table file")
-    if path.stat().st_size == 0:
-        raise UserError(f"{path}: the file is empty")
+    check_file(path)
     try:
         if fmt == "parquet":
             df = pd.read_parquet(path)
