@@ -82,3 +82,15 @@ def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
     })
     Trainer(cfg).fit()
     return root / "runs" / "tiny"
+
+
+@pytest.fixture(scope="session")
+def no_dropout_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny BERT without dropout, so that one batch of 32 and four of 8 draw nothing random."""
+    from transformers import AutoModel, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tiny_bert_no_dropout")
+    model = AutoModel.from_pretrained(tiny_model_dir, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out

@@ -14,18 +14,6 @@ from metric_ds.train import Trainer
 from test_train import make_cfg, run
 
 
-@pytest.fixture(scope="session")
-def no_dropout_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny BERT without dropout, so that one batch of 32 and four of 8 draw nothing random."""
-    from transformers import AutoModel, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("tiny_bert_no_dropout")
-    model = AutoModel.from_pretrained(tiny_model_dir, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
-
-
 def _weights(trainer) -> dict[str, torch.Tensor]:
     module = trainer.engine.module
     if trainer.cfg.deepspeed.zero_stage == 3:
