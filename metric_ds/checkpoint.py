@@ -21,8 +21,10 @@ cause, removes the partial folder and leaves the previous checkpoint as it was.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
+import io
 import json
 import os
 import random
@@ -41,6 +43,8 @@ from metric_ds.errors import UserError
 LATEST = "latest"
 DS_TAG = "ds"
 MANIFEST = "manifest.json"
+UNIVERSAL_TAG = "ds_universal"  # DeepSpeed's state converted for any world size, made on demand beside ds/
+_UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
 
 
 def _barrier() -> None:
@@ -98,7 +102,8 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, client_state: dict[st
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+        # the marker DeepSpeed's universal-checkpoint converter needs, to resume on another world size
+        engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False, client_state=_UNIVERSAL_INFO)
         state = dict(client_state, rng=rng_state(), world_size=D.world_size())
         torch.save(state, tmp / f"client_state_rank{D.rank()}.pt")
         _barrier()
@@ -302,7 +307,35 @@ def read_client_state(ckpt_dir: Path) -> dict[str, Any]:
                         "damaged: resume from an earlier one") from None
 
 
-def load_checkpoint(engine: Any, ckpt_dir: Path, client_state: dict[str, Any]) -> None:
+def ensure_universal(ckpt_dir: Path) -> Path:
+    """DeepSpeed's state of ``ckpt_dir`` in its universal form (``ds_universal/``, loadable on any world size),
+    converted once by rank 0 with DeepSpeed's ``ds_to_universal`` (a collective: every rank calls it)."""
+    ckpt_dir = Path(ckpt_dir)
+    out = ckpt_dir / UNIVERSAL_TAG
+    if D.is_main() and not (out / "zero").is_dir():
+        from types import SimpleNamespace
+
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        tmp = ckpt_dir / f".tmp-{UNIVERSAL_TAG}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # its progress prints
+                ds_to_universal(SimpleNamespace(
+                    input_folder=str(ckpt_dir / DS_TAG), output_folder=str(tmp), num_extract_workers=1,
+                    num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+        except Exception as exc:  # noqa: BLE001 - DeepSpeed's converter: say what failed and the way out
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"training.resume_from: {ckpt_dir} was written by another number of processes and "
+                            f"DeepSpeed could not convert it to its universal form ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); resume with the number of "
+                            "processes that wrote it") from None
+        os.replace(tmp, out)
+    _barrier()
+    return out
+
+
+def load_checkpoint(engine: Any, ckpt_dir: Path, client_state: dict[str, Any], tag: str = DS_TAG) -> None:
     """Restore the engine (model, optimizer, scheduler) from ``ckpt_dir``, then the RNG states of
     ``client_state`` (from :func:`read_client_state`) when the world size is the one that wrote them.
 
@@ -311,9 +344,9 @@ def load_checkpoint(engine: Any, ckpt_dir: Path, client_state: dict[str, Any]) -
     """
     ckpt_dir = Path(ckpt_dir)
     with _WeightsOnlyLoads(engine):
-        path, _ = engine.load_checkpoint(str(ckpt_dir), tag=DS_TAG, load_optimizer_states=True,
+        path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
                                          load_lr_scheduler_states=True)
     if path is None:
-        raise UserError(f"training.resume_from: DeepSpeed could not load {ckpt_dir / DS_TAG}")
+        raise UserError(f"training.resume_from: DeepSpeed could not load {ckpt_dir / tag}")
     if client_state.get("world_size", 1) == D.world_size():
         set_rng_state(client_state["rng"])

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from metric_ds.ds_config import OWNED_KEYS
-from metric_ds.errors import UserError
+from metric_ds.errors import UserError, read_mapping
 
 
 def _is_number_type(annotation: Any) -> bool:
@@ -379,18 +379,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, with errors that name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file {path} does not exist: check the path given to --config")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML: {exc}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
-    return data
+    return read_mapping(Path(path), "config file", "YAML", yaml.safe_load, yaml.YAMLError,
+                        "check the path given to --config and its contents")
 
 
 def validate_config(data: dict[str, Any], source: str = "config") -> Config:

@@ -6,7 +6,9 @@ messages as an ``error: ...`` line on stderr and exits with status 1, without a 
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
 
 
 class UserError(ValueError):
@@ -25,6 +27,32 @@ class UserError(ValueError):
 
 class EnvironmentProblem(RuntimeError):
     """A missing piece of the environment (a compiled op, a GPU, an optional package), with the fix."""
+
+
+def read_mapping(path: Path, what: str, fmt: str, parse: Callable[[str], Any], parse_errors: type[Exception],
+                 fix: str) -> dict[str, Any]:
+    """Read a small YAML or JSON file that must hold a mapping; every failure is a :class:`UserError` naming the
+    file and ``fix``.
+
+    Args:
+        path: the file.
+        what: what the file is, for the messages (``"config file"``, ``"evaluation file"``).
+        fmt: the format's name (``"YAML"``, ``"JSON"``).
+        parse: text to data (``yaml.safe_load``, ``json.loads``).
+        parse_errors: what ``parse`` raises on bad text.
+        fix: how to make a good file, ending each message.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such {what} (it does not exist); {fix}")
+    try:
+        data = parse(path.read_text(encoding="utf-8"))
+    except parse_errors as exc:
+        raise UserError(f"{path}: not valid {fmt}: {exc}; {fix}") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}; {fix}")
+    return data
 
 
 def format_rows(rows: Iterable[int], limit: int = 5) -> str:

@@ -38,7 +38,10 @@ from metric_ds import distributed as D
 from metric_ds import run_folder
 from metric_ds.bank import EmbeddingBank
 from metric_ds.checkpoint import (
+    DS_TAG,
+    UNIVERSAL_TAG,
     describe_io_error,
+    ensure_universal,
     load_checkpoint,
     read_client_state,
     resolve_resume,
@@ -187,6 +190,7 @@ class Trainer:
                                  cfg.model.projection_dim, cfg.model.classifier_dropout)
         D.init_process_group()
         self._build_data()
+        self._resume = self._prepare_resume()
         self._build_engine(model)
         self.loss_fn = JointLoss(t.classification_loss_weight, t.metric_loss_weight, t.supcon_temperature,
                                  t.supcon_impl, t.supcon_scope, num_classes=self.label_map.num_classes)
@@ -217,22 +221,52 @@ class Trainer:
 
         cfg = self.cfg
         num_training_steps = cfg.scheduler.num_training_steps or self.total_steps
+        ds_config = build_ds_config(cfg)
+        if self._resume is not None and self._resume[2] == UNIVERSAL_TAG:
+            ds_config.setdefault("checkpoint", {})["load_universal"] = True
         self.engine, _, _, self.lr_scheduler = deepspeed.initialize(
             model=model,
             model_parameters=_param_groups(model, cfg.optimizer.weight_decay, cfg.optimizer.head_learning_rate),
-            config=build_ds_config(cfg), lr_scheduler=_scheduler_factory(cfg, num_training_steps),
+            config=ds_config, lr_scheduler=_scheduler_factory(cfg, num_training_steps),
         )
         self.device = self.engine.device
 
-    def _open_run_folder(self) -> None:
-        """Resume (checking the config and data against the checkpoint's), or start a fresh folder."""
+    def _prepare_resume(self) -> tuple[Path, dict[str, Any], str] | None:
+        """Before the engine exists: the checkpoint to resume, our state in it (the config and data checked against
+        it), and the DeepSpeed tag to load: the checkpoint's own, or on another world size its universal form."""
         cfg = self.cfg
-        if cfg.training.resume_from:
-            ckpt = resolve_resume(cfg.training.resume_from, self.run_dir)
-            client = read_client_state(ckpt)
-            check_resume(yaml.safe_load(client["config"]) if "config" in client else None,
-                         client.get("data_fingerprint"), cfg.to_dict(), self.data.fingerprint(), str(ckpt))
-            load_checkpoint(self.engine, ckpt, client)
+        if not cfg.training.resume_from:
+            return None
+        ckpt = resolve_resume(cfg.training.resume_from, self.run_dir)
+        client = read_client_state(ckpt)
+        check_resume(yaml.safe_load(client["config"]) if "config" in client else None,
+                     client.get("data_fingerprint"), cfg.to_dict(), self.data.fingerprint(), str(ckpt))
+        saved_world = int(client.get("world_size", D.world_size()))
+        if saved_world == D.world_size():
+            return ckpt, client, DS_TAG
+        self._remap_position(client["loop"], saved_world)
+        if D.is_main():
+            tqdm.write(f"resuming a checkpoint of {saved_world} process(es) on {D.world_size()}: the sampler position "
+                       "and the bank remapped, the RNG streams started afresh (the run continues, not bit for bit)")
+        if cfg.deepspeed.zero_stage == 0:  # every rank saved the whole state: it loads on any world size
+            return ckpt, client, DS_TAG
+        ensure_universal(ckpt)  # ZeRO 1-3 partitions the state by rank: DeepSpeed's universal form re-partitions it
+        return ckpt, client, UNIVERSAL_TAG
+
+    def _remap_position(self, loop: dict[str, Any], saved_world: int) -> None:
+        """The position in the epoch, in this world size's micro-batches: the rows that the saved ranks consumed
+        together, rounded down to whole global batches of the new world size (at most one global batch of rows is
+        seen twice this epoch)."""
+        rows = loop["batch_in_epoch"] * self.cfg.training.batch_size * saved_world
+        per_micro = self.cfg.training.batch_size * D.world_size()
+        loop["batch_in_epoch"] = min(rows // per_micro, self.micro_per_epoch)
+
+    def _open_run_folder(self) -> None:
+        """Resume (the engine's state, then ours), or start a fresh folder."""
+        cfg = self.cfg
+        if self._resume is not None:
+            ckpt, client, tag = self._resume
+            load_checkpoint(self.engine, ckpt, client, tag)
             self.state = LoopState(**client["loop"])
             if self.bank is not None and client.get("bank") is not None:
                 self.bank.load_state_dict(client["bank"])

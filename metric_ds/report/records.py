@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from metric_ds.errors import UserError
+from metric_ds.errors import UserError, read_mapping
 from metric_ds.metrics import lower_is_better
 
 LOSS_SUFFIX = re.compile(r"^(loss|ce|supcon|.*_loss)$")
@@ -103,16 +103,9 @@ def load_evaluation(path: str | Path) -> Evaluation:
     Raises:
         UserError: the file is missing or is not a JSON object.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such evaluation file; write one with `metric-ds evaluate`")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e}); write it again with `metric-ds evaluate`") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object as written by `metric-ds evaluate`")
-    return Evaluation(path, data)
+    data = read_mapping(Path(path), "evaluation file", "JSON", json.loads, json.JSONDecodeError,
+                        "write it (again) with `metric-ds evaluate`")
+    return Evaluation(Path(path), data)
 
 
 def metrics_table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
