@@ -61,8 +61,8 @@ from metric_ds.losses import JointLoss, LossTerms, TermWindow
 from metric_ds.metrics import lower_is_better
 from metric_ds.model import MetricClassifier, export_model, load_encoder, model_inputs
 from metric_ds.preflight import preflight
-from metric_ds.resume_check import check_resume
 from metric_ds.progress import progress_bar
+from metric_ds.resume_check import check_resume
 from metric_ds.tracking import build_trackers
 
 
@@ -185,6 +185,7 @@ class Trainer:
         self.run_dir = cfg.run_dir
         self.data: TrainingData = load_training_data(cfg)
         self.label_map = self.data.label_map
+        self.data_fingerprint = self.data.fingerprint()  # saved with every checkpoint, checked on resume
         encoder, self.tokenizer = load_encoder(cfg.model_name, t.attention_implementation)
         model = MetricClassifier(encoder, self.label_map.num_classes, cfg.model.pooling,
                                  cfg.model.projection_dim, cfg.model.classifier_dropout)
@@ -240,7 +241,7 @@ class Trainer:
         ckpt = resolve_resume(cfg.training.resume_from, self.run_dir)
         client = read_client_state(ckpt)
         check_resume(yaml.safe_load(client["config"]) if "config" in client else None,
-                     client.get("data_fingerprint"), cfg.to_dict(), self.data.fingerprint(), str(ckpt))
+                     client.get("data_fingerprint"), cfg.to_dict(), self.data_fingerprint, str(ckpt))
         saved_world = int(client.get("world_size", D.world_size()))
         if saved_world == D.world_size():
             return ckpt, client, DS_TAG
@@ -284,7 +285,7 @@ class Trainer:
     def _client_state(self) -> dict[str, Any]:
         return {"loop": asdict(self.state), "bank": self.bank.state_dict() if self.bank is not None else None,
                 "config": yaml.safe_dump(self.cfg.to_dict(), sort_keys=True),
-                "data_fingerprint": self.data.fingerprint()}
+                "data_fingerprint": self.data_fingerprint}
 
     # -------------------------------------------------------------------------------------- loop
 
