@@ -1,6 +1,8 @@
 // The tile loop shared by CPU and CUDA (see supcon.h). Only ATen ops and the epilogues: no device code here.
 #include "supcon.h"
 
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
 #include <cstdlib>
 #include <limits>
 
@@ -63,6 +65,8 @@ constexpr int64_t kNoSelf = std::numeric_limits<int64_t>::min() / 2;
 std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_forward_impl(
     const at::Tensor& z, const at::Tensor& labels, double temperature, int64_t anchor_start,
     int64_t anchor_count, int64_t num_classes, const Epilogues& ep, int64_t tile) {
+  // Called under torch.autocast, the tile matmuls below would run in bf16/fp16: the op accumulates in fp32.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_inputs(z, labels, temperature, anchor_start, anchor_count);
   const int64_t m = z.size(0), n = anchor_count;
   const at::Tensor z32 = z.to(accumulate_type(z)).contiguous();
@@ -119,6 +123,7 @@ at::Tensor supcon_backward_impl(const at::Tensor& grad_rows, const at::Tensor& z
                                 const at::Tensor& lse, const at::Tensor& num_pos, double temperature,
                                 int64_t anchor_start, int64_t anchor_count, int64_t num_classes,
                                 const Epilogues& ep, int64_t tile) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_inputs(z, labels, temperature, anchor_start, anchor_count);
   const int64_t m = z.size(0), n = anchor_count;
   TORCH_CHECK(grad_rows.numel() == n && lse.numel() == n && num_pos.numel() == n,
