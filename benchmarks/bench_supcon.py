@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -56,6 +57,7 @@ def run_case(case: dict) -> list[dict]:
     b, d, device, reps = case["B"], case["d"], case["device"], case["reps"]
     dtype = DTYPES[case["dtype"]]
     sync = torch.cuda.synchronize if device == "cuda" else None
+    clock = time.process_time if case.get("clock") == "cpu" else time.perf_counter
     base = {**harness.common_fields(device), "op": "supcon", "provider": case["provider"], "B": b, "d": d,
             "dtype": case["dtype"], "status": "ok"}
     z0, y = _inputs(b, d, dtype, device)
@@ -113,18 +115,16 @@ def run_case(case: dict) -> list[dict]:
                 loss = steps["forward"]()
                 if sync:
                     sync()
-                import time
-
-                start = time.perf_counter()
+                start = clock()
                 loss.backward()
                 if sync:
                     sync()
-                times.append(time.perf_counter() - start)
+                times.append(clock() - start)
         else:
-            times = harness.time_it(steps[mode], reps, warmup=0 if mode == "full" else 1, sync=sync)
+            times = harness.time_it(steps[mode], reps, warmup=0 if mode == "full" else 1, sync=sync, clock=clock)
         p20, p50, p80 = harness.quantiles(times)
         rows.append({**base, "mode": mode, "metric": "time", "unit": "s", "p20": p20, "p50": p50, "p80": p80,
-                     "note": f"{len(times)} reps"})
+                     "note": f"{len(times)} reps" + (", CPU seconds" if case.get("clock") == "cpu" else "")})
     return rows
 
 
@@ -164,6 +164,8 @@ def main() -> None:
     p.add_argument("--compile-max-B", type=int, default=4096, help="largest B tried under torch.compile")
     p.add_argument("--out", default=str(HERE / "results" / "supcon.csv"))
     p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="cpu: CPU seconds of the process (all threads), for a CPU shared with other jobs")
     p.add_argument("--in-process", action="store_true",
                    help="run every case in this process (on CPU without memory figures: RSS peaks only grow)")
     p.add_argument("--reference-max-B", type=int, default=None, help="skip the reference above this B")
@@ -184,6 +186,7 @@ def main() -> None:
             for provider in args.providers:
                 reps = args.reps if b <= 8192 else (2 if b <= 16384 else 1)
                 case = {"provider": provider, "B": b, "d": d, "dtype": dtype, "device": device, "reps": reps,
+                        "clock": args.clock,
                         "modes": args.modes if b <= 16384 else ["full"]}
                 meta = {**harness.common_fields(device), "op": "supcon", "provider": provider, "B": b, "d": d,
                         "dtype": dtype, "mode": "full", "metric": "", "unit": ""}

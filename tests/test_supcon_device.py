@@ -104,6 +104,7 @@ def test_num_classes_gives_the_same_result(dtype):
     z, y = make(b, 32, 12, DTYPES[dtype], seed=2)
     plain = fused(z, y, 0.1, 0, b, upstream=1.0)
     given = fused(z, y, 0.1, 0, b, upstream=1.0, num_classes=12)
-    assert torch.equal(plain[0], given[0]) and torch.equal(plain[1], given[1])
+    # equal up to the order of CUDA's atomic adds into the per-class sums
+    assert_matches(given, plain, DTYPES[dtype], "num_classes=12 against remapped labels")
     sliced = fused(z, y, 0.1, 5, b // 2, upstream=1.0, num_classes=20)  # unused classes are fine
     assert_matches(sliced, fused(z, y, 0.1, 5, b // 2, upstream=1.0), DTYPES[dtype], "num_classes with a slice")
