@@ -187,6 +187,7 @@ def test_fused_unavailable_raises_and_auto_warns_once(monkeypatch):
 
     monkeypatch.setattr(fused, "available", lambda device: (False, "not built in this test"))
     monkeypatch.setattr(ops, "_warned", set())
+    monkeypatch.setattr(ops, "AUTO_MIN_ROWS", {})  # 20 rows would otherwise go to the reference silently
     z, y = make(20, 4, "3")
     with pytest.raises(EnvironmentProblem, match="not built in this test.*supcon_impl: reference"):
         supcon_loss(z, y, 0.1, impl="fused")
