@@ -30,6 +30,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -265,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         configs["bare"] = configs[f"trainer-z{args.zero[0]}"]
         for _ in range(args.repeats):
             for name, cfg_path in configs.items():
+                if name != "bare":  # a fresh run folder: a second run would append to the first one's log
+                    shutil.rmtree(workdir / "runs" / cfg_path.stem, ignore_errors=True)
                 got = run_worker("bare" if name == "bare" else "trainer", cfg_path, args.device, args.timeout)
                 runs.setdefault(name, []).append(got)
                 print(f"{impl:>9} {name:>11}: {got['step_s'] * 1000:.1f} ms/step over {got['timed_steps']} "
