@@ -4,7 +4,8 @@
 #   make test        setup, then the CUDA compile check and the whole test suite
 #   make demo        setup, then the BANKING77 main job (prepare, train, evaluate, report)
 #   make demo-quick  a 2-minute version of the demo
-#   make cuda-check  compile the CUDA sources for sm_80 and sm_90 (no GPU needed)
+#   make cuda-check  compile the CUDA sources for sm_80, sm_90 and PTX (no GPU needed)
+#   make gpu-wheels  download/build into .whl/ the Python 3.12 wheels a lent GPU machine lacks (for gpu_check.sh)
 #
 # Overrides: TORCH_SPEC (default torch==2.14.1; set TORCH_SPEC=keep to keep a torch already in .venv),
 # PYTHON (the interpreter that creates .venv), BANKING77_DIR (default ../shared/data/banking77).
@@ -26,7 +27,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-fast cuda-check demo demo-quick bench clean op
+.PHONY: setup test test-fast cuda-check demo demo-quick bench clean op gpu-wheels
 
 setup: $(STAMP) op
 
@@ -65,6 +66,11 @@ demo-quick: setup
 
 bench: setup
 	$(VPY) benchmarks/bench_supcon.py
+
+# DeepSpeed (built here with DS_BUILD_OPS=0), pydantic and their missing dependencies, for CPython 3.12 x86_64;
+# fails over 40 MiB. benchmarks/README.md says how benchmarks/gpu_check.sh uses them.
+gpu-wheels: $(STAMP)
+	bash benchmarks/gpu_wheels.sh $(VPY)
 
 clean:
 	rm -rf build *.egg-info metric_ds/*.so metric_ds/ops/*.so $(VENV)/.op-built

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -49,11 +50,13 @@ def _loss_fn(provider: str):
     raise ValueError(provider)
 
 
-def run_case(case: dict) -> None:
-    """Worker: one (provider, B, d, dtype) in this fresh process; prints RESULT rows."""
+def run_case(case: dict) -> list[dict]:
+    """One (provider, B, d, dtype): its result rows (a worker process prints them as RESULT lines)."""
+    rows: list[dict] = []
     b, d, device, reps = case["B"], case["d"], case["device"], case["reps"]
     dtype = DTYPES[case["dtype"]]
     sync = torch.cuda.synchronize if device == "cuda" else None
+    clock = time.process_time if case.get("clock") == "cpu" else time.perf_counter
     base = {**harness.common_fields(device), "op": "supcon", "provider": case["provider"], "B": b, "d": d,
             "dtype": case["dtype"], "status": "ok"}
     z0, y = _inputs(b, d, dtype, device)
@@ -102,8 +105,8 @@ def run_case(case: dict) -> None:
         peak = torch.cuda.max_memory_allocated() - mem_before
     else:
         peak = harness.peak_rss_bytes() - mem_before
-    harness.emit({**base, "mode": "full", "metric": "peak_mem_growth", "unit": "MiB",
-                  "p20": peak / 2**20, "p50": peak / 2**20, "p80": peak / 2**20})
+    rows.append({**base, "mode": "full", "metric": "peak_mem_growth", "unit": "MiB",
+                 "p20": peak / 2**20, "p50": peak / 2**20, "p80": peak / 2**20})
     for mode in case["modes"]:
         if mode == "backward" and case["provider"] != "gemm_bound":
             times = []
@@ -111,18 +114,31 @@ def run_case(case: dict) -> None:
                 loss = steps["forward"]()
                 if sync:
                     sync()
-                import time
-
-                start = time.perf_counter()
+                start = clock()
                 loss.backward()
                 if sync:
                     sync()
-                times.append(time.perf_counter() - start)
+                times.append(clock() - start)
         else:
-            times = harness.time_it(steps[mode], reps, warmup=0 if mode == "full" else 1, sync=sync)
+            times = harness.time_it(steps[mode], reps, warmup=0 if mode == "full" else 1, sync=sync, clock=clock)
         p20, p50, p80 = harness.quantiles(times)
-        harness.emit({**base, "mode": mode, "metric": "time", "unit": "s", "p20": p20, "p50": p50, "p80": p80,
-                      "note": f"{len(times)} reps"})
+        rows.append({**base, "mode": mode, "metric": "time", "unit": "s", "p20": p20, "p50": p50, "p80": p80,
+                     "note": f"{len(times)} reps" + (", CPU seconds" if case.get("clock") == "cpu" else "")})
+    return rows
+
+
+def run_case_here(case: dict) -> list[dict]:
+    """``--in-process``: one process for every case, saving a process start per case. On CUDA the peak memory is
+    still each case's own (the allocator's peak is reset before it and its cache emptied after); on CPU the peak
+    RSS only grows, so no memory row is written."""
+    try:
+        rows = run_case(case)
+        return rows if case["device"] == "cuda" else [r for r in rows if r["metric"] != "peak_mem_growth"]
+    except torch.cuda.OutOfMemoryError as exc:
+        return [{**case, "status": "OOM", "note": str(exc).splitlines()[0][:200]}]
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def reference_fits(b: int, device: str) -> bool:
@@ -146,9 +162,17 @@ def main() -> None:
     p.add_argument("--compile-max-B", type=int, default=4096, help="largest B tried under torch.compile")
     p.add_argument("--out", default=str(HERE / "results" / "supcon.csv"))
     p.add_argument("--timeout", type=float, default=900)
-    args = harness.parse_or_work(p, run_case)
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="cpu: CPU seconds of the process (all threads), for a CPU shared with other jobs")
+    p.add_argument("--in-process", action="store_true",
+                   help="run every case in this process (on CPU without memory figures: RSS peaks only grow)")
+    p.add_argument("--reference-max-B", type=int, default=None, help="skip the reference above this B")
+    p.add_argument("--markdown", default=str(HERE / "README.md"),
+                   help="file whose 'supcon' markers receive the tables (created if absent)")
+    args = harness.parse_or_work(p, lambda case: [harness.emit(row) for row in run_case(case)])
     if args is None:
         return
+
     device = args.device
     dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
     sizes = args.B or ([1024, 4096, 16384, 65536] if device == "cuda" else [1024, 4096, 8192, 16384, 65536])
@@ -158,6 +182,7 @@ def main() -> None:
             for provider in args.providers:
                 reps = args.reps if b <= 8192 else (2 if b <= 16384 else 1)
                 case = {"provider": provider, "B": b, "d": d, "dtype": dtype, "device": device, "reps": reps,
+                        "clock": args.clock,
                         "modes": args.modes if b <= 16384 else ["full"]}
                 meta = {**harness.common_fields(device), "op": "supcon", "provider": provider, "B": b, "d": d,
                         "dtype": dtype, "mode": "full", "metric": "", "unit": ""}
@@ -171,7 +196,11 @@ def main() -> None:
                 if provider in ("reference",) and device == "cpu" and b > 16384:
                     rows.append({**meta, "status": "skipped", "note": "too slow on this CPU"})
                     continue
-                got = harness.run_in_subprocess(Path(__file__), case, args.timeout)
+                if provider.startswith("reference") and args.reference_max_B and b > args.reference_max_B:
+                    rows.append({**meta, "status": "skipped", "note": f"B > --reference-max-B {args.reference_max_B}"})
+                    continue
+                got = run_case_here(case) if args.in_process else \
+                    harness.run_in_subprocess(Path(__file__), case, args.timeout)
                 for r in got:
                     r.setdefault("mode", "full")
                     r.setdefault("metric", "")
@@ -198,8 +227,8 @@ def main() -> None:
         harness.markdown_table(all_rows, "time", "s"),
         harness.markdown_table(all_rows, "peak_mem_growth", "MiB"),
     ])
-    harness.replace_between_markers(HERE / "README.md", "supcon", text)
-    print(f"wrote {out} and benchmarks/README.md")
+    harness.replace_between_markers(Path(args.markdown), "supcon", text)
+    print(f"wrote {out} and {args.markdown}")
 
 
 if __name__ == "__main__":

@@ -14,12 +14,17 @@ if TYPE_CHECKING:
 
 
 def check_precision(cfg: Config) -> None:
-    """fp16 needs a GPU: DeepSpeed refuses it on CPU."""
+    """Refuse, before anything is loaded, what this machine cannot run: fp16 without a GPU (DeepSpeed refuses it
+    on CPU), and ``flash_attention_2`` without a GPU, its package, or fp16/bf16
+    (:func:`metric_ds.model.check_attention`). ``metric-ds validate`` and ``metric-ds train`` both call this."""
+    from metric_ds.model import check_attention
+
     if cfg.training.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError(
             "training.mixed_precision: fp16 needs a CUDA GPU and none is available here; "
             "use bf16 (slow on CPUs without native bf16) or no"
         )
+    check_attention(cfg.training.attention_implementation, cfg.training.mixed_precision)
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

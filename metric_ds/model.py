@@ -64,6 +64,38 @@ def resolve_model_name(model_name: str | None) -> str:
     )
 
 
+def check_attention(attn_implementation: str, mixed_precision: str | None = None) -> None:
+    """Refuse an attention implementation that cannot run here, before any model is loaded.
+
+    ``flash_attention_2`` needs a CUDA GPU, the ``flash_attn`` package, and fp16 or bf16 activations (its kernels
+    have no fp32 path).
+
+    Args:
+        attn_implementation: ``training.attention_implementation``.
+        mixed_precision: ``training.mixed_precision``; ``None`` when the caller casts the model itself
+            (evaluation), so only the environment is checked.
+
+    Raises:
+        UserError: naming ``training.attention_implementation``, every reason at once, and the fix.
+    """
+    if attn_implementation != "flash_attention_2":
+        return
+    import importlib.util
+
+    key = "training.attention_implementation: flash_attention_2"
+    problems = []
+    if mixed_precision == "no":
+        problems.append(f"{key} runs only in fp16 or bf16, but training.mixed_precision is 'no'; set "
+                        "training.mixed_precision: bf16, or use sdpa")
+    if not torch.cuda.is_available():
+        problems.append(f"{key} needs a CUDA GPU and none is visible; use sdpa or eager")
+    if importlib.util.find_spec("flash_attn") is None:
+        problems.append(f"{key} needs the flash_attn package, which is not installed "
+                        "(pip install flash-attn --no-build-isolation); or use sdpa")
+    if problems:
+        raise UserError(problems)
+
+
 def load_encoder(model_name: str | None, attn_implementation: str = "sdpa") -> tuple[nn.Module, Any]:
     """Load the encoder and its tokenizer offline.
 
@@ -73,8 +105,7 @@ def load_encoder(model_name: str | None, attn_implementation: str = "sdpa") -> t
     from transformers import AutoModel, AutoTokenizer
 
     path = resolve_model_name(model_name)
-    if attn_implementation == "flash_attention_2" and not torch.cuda.is_available():
-        raise UserError("training.attention_implementation: flash_attention_2 needs a CUDA GPU; use sdpa or eager")
+    check_attention(attn_implementation)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         encoder = AutoModel.from_pretrained(path, attn_implementation=attn_implementation, local_files_only=True)

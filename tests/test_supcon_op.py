@@ -187,6 +187,7 @@ def test_fused_unavailable_raises_and_auto_warns_once(monkeypatch):
 
     monkeypatch.setattr(fused, "available", lambda device: (False, "not built in this test"))
     monkeypatch.setattr(ops, "_warned", set())
+    monkeypatch.setattr(ops, "AUTO_MIN_ROWS", {})  # 20 rows would otherwise go to the reference silently
     z, y = make(20, 4, "3")
     with pytest.raises(EnvironmentProblem, match="not built in this test.*supcon_impl: reference"):
         supcon_loss(z, y, 0.1, impl="fused")
@@ -208,3 +209,17 @@ def test_meta_tensors_have_no_fused_kernel():
     z = torch.empty(8, 4, device="meta")
     with pytest.raises(EnvironmentProblem, match="meta"):
         supcon_loss(z, torch.zeros(8, dtype=torch.long, device="meta"), 0.1, impl="fused")
+
+
+@pytest.mark.parametrize("impl", ["reference"] + (["fused"] if op_status()["cpu_available"] else []))
+def test_autocast_does_not_lower_the_precision(impl):
+    """Under torch.autocast (a bare training loop's bf16) the loss still accumulates in fp32: the fused op's tile
+    matmuls and the reference's logits are not cast to bf16."""
+    z, y = make(200, 32, "7")
+    want = loss_and_grad(z, y, 0.07, "reference")
+    leaf = z.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = supcon_loss(leaf, y, 0.07, impl=impl)[0]
+    loss.backward()  # outside autocast, as torch recommends
+    assert_close_rel(loss.detach(), want[0], 1e-5, "loss")
+    assert_close_rel(leaf.grad, want[1], 1e-5, "grad")

@@ -33,14 +33,17 @@ struct Epilogues {
 int64_t tile_size(int64_t default_size);
 
 // Forward: returns (per-anchor loss (n,), log-sum-exp (n,), positive count (n,)), all fp32.
+// num_classes >= 0: labels are already in [0, num_classes) and no step waits for the device; -1: any int64 labels
+// (remapped with unique(), a host-device synchronisation).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_forward_impl(
     const at::Tensor& z, const at::Tensor& labels, double temperature, int64_t anchor_start,
-    int64_t anchor_count, const Epilogues& ep, int64_t tile);
+    int64_t anchor_count, int64_t num_classes, const Epilogues& ep, int64_t tile);
 
 // Backward: gradient of sum_i grad_rows[i] * loss_i with respect to z, in z's dtype.
 at::Tensor supcon_backward_impl(const at::Tensor& grad_rows, const at::Tensor& z, const at::Tensor& labels,
                                 const at::Tensor& lse, const at::Tensor& num_pos, double temperature,
-                                int64_t anchor_start, int64_t anchor_count, const Epilogues& ep, int64_t tile);
+                                int64_t anchor_start, int64_t anchor_count, int64_t num_classes,
+                                const Epilogues& ep, int64_t tile);
 
 // Argument checks shared by both devices (TORCH_CHECK with the argument's name).
 void check_inputs(const at::Tensor& z, const at::Tensor& labels, double temperature, int64_t anchor_start,

@@ -104,13 +104,19 @@ inline void grad_any(int64_t b, int64_t e, double* s, int64_t tj, int64_t off, c
   grad_f64(b, e, s, tj, off, lr, cr, lc, cc);
 }
 
+// Rows per parallel chunk: at least ATen's grain of 32768 elements, so that a small tile (a small batch, or the
+// last tile of a row) runs on one thread instead of paying for a parallel region, whose barrier dominates below
+// that size and costs scheduler time slices when the cores are shared.
+constexpr int64_t kGrainElements = 32768;  // ATen's own (at::internal::GRAIN_SIZE)
+int64_t row_grain(int64_t tj) { return std::max<int64_t>(16, kGrainElements / std::max<int64_t>(tj, 1)); }
+
 void row_stats_cpu(const at::Tensor& tile, int64_t self_offset, at::Tensor& run_max, at::Tensor& run_sum) {
   const int64_t ti = tile.size(0), tj = tile.size(1);
   AT_DISPATCH_FLOATING_TYPES(tile.scalar_type(), "supcon_row_stats_cpu", [&] {
     const scalar_t* s = tile.data_ptr<scalar_t>();
     scalar_t* mx = run_max.data_ptr<scalar_t>();
     scalar_t* sm = run_sum.data_ptr<scalar_t>();
-    at::parallel_for(0, ti, 16, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, ti, row_grain(tj), [&](int64_t begin, int64_t end) {
       row_stats_any(begin, end, s, tj, self_offset, mx, sm);
     });
   });
@@ -125,7 +131,7 @@ void grad_tile_cpu(at::Tensor& tile, int64_t self_offset, const at::Tensor& lse_
     const scalar_t* cr = coef_rows.data_ptr<scalar_t>();
     const scalar_t* lc = lse_cols != nullptr ? lse_cols->data_ptr<scalar_t>() : nullptr;
     const scalar_t* cc = coef_cols != nullptr ? coef_cols->data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, ti, 16, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, ti, row_grain(tj), [&](int64_t begin, int64_t end) {
       grad_any(begin, end, s, tj, self_offset, lr, cr, lc, cc);
     });
   });
@@ -137,26 +143,29 @@ void check_cpu(const at::Tensor& z) { TORCH_CHECK(z.device().is_cpu(), "z must b
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_fwd_cpu(const at::Tensor& z, const at::Tensor& labels,
                                                               double temperature, int64_t anchor_start,
-                                                              int64_t anchor_count) {
+                                                              int64_t anchor_count, int64_t num_classes) {
   check_cpu(z);
-  return supcon_forward_impl(z, labels, temperature, anchor_start, anchor_count, kCpuEpilogues, tile_size(1024));
+  return supcon_forward_impl(z, labels, temperature, anchor_start, anchor_count, num_classes, kCpuEpilogues,
+                             tile_size(1024));
 }
 
 at::Tensor supcon_bwd_cpu(const at::Tensor& grad_rows, const at::Tensor& z, const at::Tensor& labels,
                           const at::Tensor& lse, const at::Tensor& num_pos, double temperature, int64_t anchor_start,
-                          int64_t anchor_count) {
+                          int64_t anchor_count, int64_t num_classes) {
   check_cpu(z);
   return supcon_backward_impl(grad_rows, z, labels, lse, num_pos, temperature, anchor_start, anchor_count,
-                              kCpuEpilogues, tile_size(1024));
+                              num_classes, kCpuEpilogues, tile_size(1024));
 }
 
 }  // namespace
 
 TORCH_LIBRARY(metric_ds, m) {
-  m.def("supcon_fwd(Tensor z, Tensor labels, float temperature, int anchor_start, int anchor_count) "
-        "-> (Tensor loss_rows, Tensor lse, Tensor num_pos)");
+  // num_classes = -1: labels are any int64 values (remapped on the device, with a host sync); >= 0: labels
+  // already lie in [0, num_classes) and nothing waits for the device.
+  m.def("supcon_fwd(Tensor z, Tensor labels, float temperature, int anchor_start, int anchor_count, "
+        "int num_classes=-1) -> (Tensor loss_rows, Tensor lse, Tensor num_pos)");
   m.def("supcon_bwd(Tensor grad_rows, Tensor z, Tensor labels, Tensor lse, Tensor num_pos, float temperature, "
-        "int anchor_start, int anchor_count) -> Tensor");
+        "int anchor_start, int anchor_count, int num_classes=-1) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(metric_ds, CPU, m) {

@@ -147,19 +147,20 @@ void check_cuda(const at::Tensor& z) { TORCH_CHECK(z.is_cuda(), "z must be a CUD
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_fwd_cuda(const at::Tensor& z, const at::Tensor& labels,
                                                                double temperature, int64_t anchor_start,
-                                                               int64_t anchor_count) {
+                                                               int64_t anchor_count, int64_t num_classes) {
   check_cuda(z);
   const c10::cuda::CUDAGuard guard(z.device());
-  return supcon_forward_impl(z, labels, temperature, anchor_start, anchor_count, kCudaEpilogues, tile_size(4096));
+  return supcon_forward_impl(z, labels, temperature, anchor_start, anchor_count, num_classes, kCudaEpilogues,
+                             tile_size(4096));
 }
 
 at::Tensor supcon_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor& z, const at::Tensor& labels,
                            const at::Tensor& lse, const at::Tensor& num_pos, double temperature,
-                           int64_t anchor_start, int64_t anchor_count) {
+                           int64_t anchor_start, int64_t anchor_count, int64_t num_classes) {
   check_cuda(z);
   const c10::cuda::CUDAGuard guard(z.device());
   return supcon_backward_impl(grad_rows, z, labels, lse, num_pos, temperature, anchor_start, anchor_count,
-                              kCudaEpilogues, tile_size(4096));
+                              num_classes, kCudaEpilogues, tile_size(4096));
 }
 
 }  // namespace

@@ -1,6 +1,8 @@
 // The tile loop shared by CPU and CUDA (see supcon.h). Only ATen ops and the epilogues: no device code here.
 #include "supcon.h"
 
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
 #include <cstdlib>
 #include <limits>
 
@@ -35,10 +37,23 @@ at::ScalarType accumulate_type(const at::Tensor& z) {
   return z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Labels remapped to 0..k-1 (any int64 values), for the per-class sums.
-at::Tensor dense_labels(const at::Tensor& labels) {
-  if (labels.numel() == 0) return labels.contiguous();
-  return std::get<1>(at::_unique(labels, /*sorted=*/true, /*return_inverse=*/true)).contiguous();
+// Labels as indices 0..k-1 for the per-class sums, and k. With num_classes >= 0 the caller promises labels in
+// [0, num_classes): they are used as they are, with no host-device synchronisation (checked on CPU, where the
+// check is free; on CUDA an out-of-range label is a device-side assert). Otherwise any int64 values are remapped
+// with unique(), which waits for the device.
+std::pair<at::Tensor, int64_t> dense_labels(const at::Tensor& labels, int64_t num_classes) {
+  if (num_classes >= 0) {
+    if (labels.device().is_cpu() && labels.numel() > 0) {
+      const int64_t lo = labels.min().item<int64_t>(), hi = labels.max().item<int64_t>();
+      TORCH_CHECK(lo >= 0 && hi < num_classes, "labels must lie in [0, num_classes = ", num_classes, "), got [",
+                  lo, ", ", hi, "]");
+    }
+    return {labels.contiguous(), num_classes};
+  }
+  if (labels.numel() == 0) return {labels.contiguous(), 0};
+  at::Tensor lab = std::get<1>(at::_unique(labels, /*sorted=*/true, /*return_inverse=*/true)).contiguous();
+  const int64_t k = lab.max().item<int64_t>() + 1;
+  return {lab, k};
 }
 
 bool is_symmetric(const at::Tensor& z, int64_t start, int64_t count) { return start == 0 && count == z.size(0); }
@@ -49,7 +64,9 @@ constexpr int64_t kNoSelf = std::numeric_limits<int64_t>::min() / 2;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_forward_impl(
     const at::Tensor& z, const at::Tensor& labels, double temperature, int64_t anchor_start,
-    int64_t anchor_count, const Epilogues& ep, int64_t tile) {
+    int64_t anchor_count, int64_t num_classes, const Epilogues& ep, int64_t tile) {
+  // Called under torch.autocast, the tile matmuls below would run in bf16/fp16: the op accumulates in fp32.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_inputs(z, labels, temperature, anchor_start, anchor_count);
   const int64_t m = z.size(0), n = anchor_count;
   const at::Tensor z32 = z.to(accumulate_type(z)).contiguous();
@@ -87,10 +104,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_forward_impl(
     }
   }
   // Positives from per-class sums: sum_{p in P(i)} S_ip = z_i . (C[y_i] - z_i) / tau, |P(i)| = count[y_i] - 1.
-  const at::Tensor lab = dense_labels(labels);
-  const int64_t k = m > 0 ? lab.max().item<int64_t>() + 1 : 0;
+  const auto [lab, k] = dense_labels(labels, num_classes);
   const at::Tensor class_sum = at::zeros({k, z.size(1)}, opts).index_add_(0, lab, z32);
-  const at::Tensor class_cnt = at::bincount(lab, {}, k).to(opts.dtype());
+  // index_add of ones rather than bincount, which reads the largest label back to the host.
+  const at::Tensor class_cnt = at::zeros({k}, opts).index_add_(0, lab, at::ones({m}, opts));
   const at::Tensor la = lab.narrow(0, anchor_start, n);
   const at::Tensor za32 = z32.narrow(0, anchor_start, n);
   const at::Tensor pos_cnt = class_cnt.index_select(0, la) - 1;
@@ -104,7 +121,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_forward_impl(
 
 at::Tensor supcon_backward_impl(const at::Tensor& grad_rows, const at::Tensor& z, const at::Tensor& labels,
                                 const at::Tensor& lse, const at::Tensor& num_pos, double temperature,
-                                int64_t anchor_start, int64_t anchor_count, const Epilogues& ep, int64_t tile) {
+                                int64_t anchor_start, int64_t anchor_count, int64_t num_classes,
+                                const Epilogues& ep, int64_t tile) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_inputs(z, labels, temperature, anchor_start, anchor_count);
   const int64_t m = z.size(0), n = anchor_count;
   TORCH_CHECK(grad_rows.numel() == n && lse.numel() == n && num_pos.numel() == n,
@@ -157,8 +176,7 @@ at::Tensor supcon_backward_impl(const at::Tensor& grad_rows, const at::Tensor& z
   //   anchors:       dz_i -= invp_i (C[y_i] - z_i)
   //   contrast rows: dz_j -= Q[y_j] - [j is an anchor] invp_j z_j, with Q[y] = sum of invp_i z_i over anchors.
   if (n > 0) {
-    const at::Tensor lab = dense_labels(labels);
-    const int64_t k = lab.max().item<int64_t>() + 1;
+    const auto [lab, k] = dense_labels(labels, num_classes);
     const at::Tensor la = lab.narrow(0, anchor_start, n);
     const at::Tensor za = z32.narrow(0, anchor_start, n);
     const at::Tensor invp = (coef / cnt.clamp_min(1)).unsqueeze(1);

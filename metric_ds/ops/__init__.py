@@ -1,8 +1,10 @@
 """SupCon ops: the pure-PyTorch reference and the fused C++/CUDA op, behind one entry point.
 
 ``impl="reference"`` is the specification (:mod:`metric_ds.ops.reference`), ``"fused"`` the compiled op (an
-error naming the reason and the fix where it is not built for the tensor's device), and ``"auto"`` the fused op
-where available, else the reference with one warning saying why.
+error naming the reason and the fix where it is not built for the tensor's device, or where its self-check
+fails: :mod:`metric_ds.ops.selfcheck`), and ``"auto"`` the fused op where it is available, passes its self-check
+and is measured faster than the reference for the batch's size (:data:`AUTO_MIN_ROWS`), else the reference
+(with one warning saying why when the op is missing or wrong, none when the batch is merely small).
 """
 from __future__ import annotations
 
@@ -14,9 +16,22 @@ from metric_ds.errors import EnvironmentProblem
 from metric_ds.ops.reference import resolve_anchors, supcon_loss_reference
 
 IMPLS = ("auto", "fused", "reference")
-_warned: set[str] = set()
+_warned: set[object] = set()
 
-__all__ = ["IMPLS", "SupConLoss", "op_status", "supcon_loss", "supcon_loss_reference"]
+# ``auto`` uses the reference when the contrast set has fewer rows than this (per device type), because the fused
+# op was measured slower there; above it the fused op is faster and its memory stays linear in the batch.
+AUTO_MIN_ROWS: dict[str, int] = {
+    # CPU: measured on this project's 2-core AMD EPYC (torch 2.14.1, fp32, d = 384, one thread, CPU seconds of a
+    # forward + backward, median of 30; benchmarks/results/supcon_threshold_cpu.csv): fused / reference =
+    # 1.9 / 1.5 ms at B = 64, 8.8 / 4.7 ms at 256, 15.6 / 15.5 ms at 512, 53 / 95 ms at 1024.
+    "cpu": 512,
+    # CUDA: unmeasured (no GPU has run this code yet). A conservative guess: below 1024 rows the reference's
+    # B x B matrices are at most 16 MiB, and it is plain, well-tested PyTorch. benchmarks/gpu_check.sh step 5
+    # measures the crossover; replace this with the measured B.
+    "cuda": 1024,
+}
+
+__all__ = ["AUTO_MIN_ROWS", "IMPLS", "SupConLoss", "op_status", "supcon_loss", "supcon_loss_reference"]
 
 
 def op_status() -> dict[str, object]:
@@ -38,6 +53,8 @@ def supcon_loss(
     anchor_count: int | None = None,
     num_valid_global: int | torch.Tensor | None = None,
     impl: str = "auto",
+    *,
+    num_classes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Supervised Contrastive loss (the maths: :mod:`metric_ds.ops.reference`).
 
@@ -47,36 +64,54 @@ def supcon_loss(
         temperature: tau > 0.
         anchor_start, anchor_count: the anchor rows ``[anchor_start, anchor_start + anchor_count)``
             (default: every row from ``anchor_start``).
-        num_valid_global: denominator override (valid anchors over all ranks).
+        num_valid_global: denominator override (valid anchors over all ranks); a tensor keeps the call free of
+            host-device synchronisation.
         impl: ``auto``, ``fused`` or ``reference``.
+        num_classes: when the caller knows that every label lies in ``[0, num_classes)``: the fused op then
+            needs no ``unique`` and no read-back of the largest label, so it never waits for the device.
+            ``None`` (the default) accepts any int64 labels.
 
     Shape:
         z: (m, d); labels: (m,).
 
     Returns:
         ``(loss, num_valid)``: the scalar loss and the number of this call's anchors with a positive.
+
+    Raises:
+        EnvironmentProblem: ``impl="fused"`` where the op is not built for ``z``'s device or fails its
+            self-check there.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+    if impl == "auto" and z.shape[0] < AUTO_MIN_ROWS.get(z.device.type, 0):
+        impl = "reference"  # measured faster at this size: no warning, nothing is wrong
     if impl == "reference":
         return supcon_loss_reference(z, labels, temperature, anchor_start, anchor_count, num_valid_global)
-    from metric_ds.ops import fused
+    from metric_ds.ops import fused, selfcheck
 
     ok, why = fused.available(z.device.type)
+    if ok:
+        wrong = selfcheck.check(z.device, z.dtype)
+        if wrong is not None:
+            ok, why = False, f"its self-check against the reference failed on {z.device} {z.dtype}: {wrong}"
+            warn_key: object = (z.device.type, z.device.index, z.dtype)
+    else:
+        warn_key = z.device.type
     if not ok:
         if impl == "fused":
             raise EnvironmentProblem(
                 f"the fused SupCon op is not available for {z.device.type} tensors: {why}. Rebuild it with "
                 "`make setup` (or `pip install --no-build-isolation -e .`), or use supcon_impl: reference")
-        if z.device.type not in _warned:
-            _warned.add(z.device.type)
+        if warn_key not in _warned:
+            _warned.add(warn_key)
             warnings.warn(f"fused SupCon op unavailable on {z.device.type} ({why}); using the PyTorch reference",
                           stacklevel=2)
         return supcon_loss_reference(z, labels, temperature, anchor_start, anchor_count, num_valid_global)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     n = resolve_anchors(z.shape[0], anchor_start, anchor_count)
-    return fused.supcon_loss_fused(z, labels, temperature, anchor_start, n, num_valid_global)
+    return fused.supcon_loss_fused(z, labels, temperature, anchor_start, n, num_valid_global,
+                                   num_classes=num_classes)
 
 
 class SupConLoss(torch.nn.Module):
@@ -87,12 +122,14 @@ class SupConLoss(torch.nn.Module):
     Args:
         temperature: tau.
         impl: ``auto``, ``fused`` or ``reference``.
+        num_classes: labels lie in ``[0, num_classes)`` (see :func:`supcon_loss`); ``None``: any labels.
     """
 
-    def __init__(self, temperature: float = 0.07, impl: str = "auto"):
+    def __init__(self, temperature: float = 0.07, impl: str = "auto", num_classes: int | None = None):
         super().__init__()
-        self.temperature, self.impl = temperature, impl
+        self.temperature, self.impl, self.num_classes = temperature, impl, num_classes
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor, anchor_start: int = 0, anchor_count: int | None = None,
                 num_valid_global: int | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return supcon_loss(z, labels, self.temperature, anchor_start, anchor_count, num_valid_global, self.impl)
+        return supcon_loss(z, labels, self.temperature, anchor_start, anchor_count, num_valid_global, self.impl,
+                           num_classes=self.num_classes)

@@ -2,7 +2,8 @@
 
 Environment switches: ``METRIC_DS_SKIP_CUDA=1`` never builds the CUDA part; ``METRIC_DS_FORCE_CUDA=1`` builds it
 even without a visible GPU (it is otherwise skipped there, since it could not run; ``make cuda-check`` proves it
-compiles); ``TORCH_CUDA_ARCH_LIST`` picks the architectures (default ``8.0;9.0``).
+compiles); ``TORCH_CUDA_ARCH_LIST`` picks the architectures (default: :func:`default_arch_list`, i.e. 8.0 and
+9.0 plus the visible GPU's own, with ``+PTX`` on the highest so that newer GPUs JIT-compile from PTX).
 
 This module imports only torch and the standard library, so setup.py can load it by path.
 """
@@ -21,7 +22,7 @@ CPU_NAME = "metric_ds._supcon_cpu"
 CUDA_NAME = "metric_ds._supcon_cuda"
 CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp-simd"]
 NVCC_FLAGS = ["-O3", "-std=c++20", "-lineinfo"]
-DEFAULT_ARCHS = "8.0;9.0"
+BASE_ARCHS = ("8.0", "9.0")
 
 
 def real_cuda_home() -> str | None:
@@ -68,6 +69,30 @@ def cuda_build_decision() -> tuple[bool, str]:
     return True, "torch has CUDA, nvcc found and a GPU is visible"
 
 
+def default_arch_list(capabilities: list[tuple[int, int]] | None = None) -> str:
+    """The ``TORCH_CUDA_ARCH_LIST`` used when the user sets none.
+
+    Machine code for sm_80 and sm_90, plus each visible GPU's own architecture (an sm_120 card would otherwise
+    get "no kernel image is available"), and ``+PTX`` on the highest listed one, which the driver JIT-compiles
+    for any newer GPU.
+
+    Args:
+        capabilities: (major, minor) of the GPUs to build for; ``None`` asks torch for the visible ones (none
+            when no GPU is visible).
+
+    Returns:
+        e.g. ``"8.0;9.0+PTX"``, or ``"8.0;9.0;12.0+PTX"`` with an sm_120 GPU visible.
+    """
+    if capabilities is None:
+        import torch
+
+        capabilities = ([torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+                        if torch.cuda.is_available() else [])
+    archs = set(BASE_ARCHS) | {f"{major}.{minor}" for major, minor in capabilities}
+    ordered = sorted(archs, key=lambda a: tuple(int(x) for x in a.split(".")))
+    return ";".join(ordered[:-1] + [ordered[-1] + "+PTX"])
+
+
 def extensions() -> list:
     """setuptools extensions for ``setup.py``."""
     from torch.utils import cpp_extension
@@ -78,7 +103,8 @@ def extensions() -> list:
     print(f"metric_ds: CUDA SupCon op {'built' if build_cuda else 'skipped'}: {why}")
     if build_cuda:
         os.environ.setdefault("CUDA_HOME", real_cuda_home() or "")
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", default_arch_list())
+        print(f"metric_ds: TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
         exts.append(cpp_extension.CUDAExtension(
             CUDA_NAME, rel(CUDA_SOURCES), include_dirs=torch_cuda_include_dirs(),
             extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}))

@@ -97,36 +97,43 @@ def _register_python_parts() -> None:
     _registered = True
 
     @torch.library.register_fake("metric_ds::supcon_fwd")
-    def _fwd_fake(z, labels, temperature, anchor_start, anchor_count):
+    def _fwd_fake(z, labels, temperature, anchor_start, anchor_count, num_classes=-1):
         acc = torch.float64 if z.dtype == torch.float64 else torch.float32
         return tuple(z.new_empty((anchor_count,), dtype=acc) for _ in range(3))
 
     @torch.library.register_fake("metric_ds::supcon_bwd")
-    def _bwd_fake(grad_rows, z, labels, lse, num_pos, temperature, anchor_start, anchor_count):
+    def _bwd_fake(grad_rows, z, labels, lse, num_pos, temperature, anchor_start, anchor_count, num_classes=-1):
         return torch.empty_like(z, memory_format=torch.contiguous_format)
 
     def setup_context(ctx, inputs, output):
-        z, labels, temperature, anchor_start, anchor_count = inputs
+        z, labels, temperature, anchor_start, anchor_count, *rest = inputs
         _, lse, num_pos = output
         ctx.save_for_backward(z, labels, lse, num_pos)
-        ctx.args = (temperature, anchor_start, anchor_count)
+        ctx.args = (temperature, anchor_start, anchor_count, rest[0] if rest else -1)
+        ctx.num_inputs = len(inputs)
 
     def backward(ctx, grad_rows, grad_lse, grad_num_pos):
         z, labels, lse, num_pos = ctx.saved_tensors
+        nones = (None,) * (ctx.num_inputs - 1)
         if grad_rows is None:
-            return None, None, None, None, None
+            return (None, *nones)
         dz = torch.ops.metric_ds.supcon_bwd(grad_rows.contiguous(), z, labels, lse, num_pos, *ctx.args)
-        return dz, None, None, None, None
+        return (dz, *nones)
 
     torch.library.register_autograd("metric_ds::supcon_fwd", backward, setup_context=setup_context)
 
 
 def supcon_loss_fused(z: torch.Tensor, labels: torch.Tensor, temperature: float, anchor_start: int,
-                      anchor_count: int, num_valid_global: int | torch.Tensor | None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused op behind :func:`metric_ds.ops.supcon_loss` (same contract)."""
+                      anchor_count: int, num_valid_global: int | torch.Tensor | None,
+                      num_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused op behind :func:`metric_ds.ops.supcon_loss` (same contract).
+
+    ``num_classes``: labels already lie in ``[0, num_classes)``, so the op needs no ``unique`` and no read-back
+    of the largest label (no host-device synchronisation); ``None`` accepts any int64 labels.
+    """
     loss_rows, _, num_pos = torch.ops.metric_ds.supcon_fwd(z, labels, float(temperature), int(anchor_start),
-                                                           int(anchor_count))
+                                                           int(anchor_count),
+                                                           -1 if num_classes is None else int(num_classes))
     num_valid = (num_pos > 0).sum()
     denom = num_valid if num_valid_global is None else torch.as_tensor(num_valid_global, device=z.device)
     return loss_rows.sum() / denom.clamp_min(1).to(loss_rows.dtype), num_valid

@@ -101,6 +101,10 @@ def supcon_loss_reference(
                          f"{tuple(labels.shape)}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if torch.amp.is_autocast_available(z.device.type) and torch.is_autocast_enabled(z.device.type):
+        # under torch.autocast the matmul below would run in bf16/fp16: the definition is fp32
+        with torch.autocast(z.device.type, enabled=False):
+            return supcon_loss_reference(z, labels, temperature, anchor_start, anchor_count, num_valid_global)
     m = z.shape[0]
     n = resolve_anchors(m, anchor_start, anchor_count)
     z32 = z.double() if z.dtype == torch.float64 else z.float()  # fp64 stays fp64 (gradcheck)
