@@ -159,7 +159,7 @@ class JointLoss(nn.Module):
         if cs.z.shape[0] > 0:
             supcon_part, _ = ops.supcon_loss(
                 cs.z, cs.labels, self.temperature, anchor_start=cs.anchor_start, anchor_count=cs.anchor_count,
-                num_valid_global=with_pos, impl=self.supcon_impl,
+                num_valid_global=with_pos, impl=self.supcon_impl, num_classes=self.num_classes,
             )
         else:
             supcon_part = z.sum() * 0.0
