@@ -263,6 +263,7 @@ class Settings:
     margin: float = 0.3
     metric_mask: str = "all"
     holdout_fraction: float = 0.2
+    labelled_share: float | None = None
     seed: int = 0
 
     def problems(self) -> list[str]:
@@ -284,7 +285,23 @@ class Settings:
             out.append(f"--margin must be in [0, 1], got {self.margin}")
         if not 0 <= self.holdout_fraction < 1:
             out.append(f"--holdout-fraction must be in [0, 1), got {self.holdout_fraction}")
+        if self.labelled_share is not None and not 0 < self.labelled_share < 1:
+            out.append(f"--labelled-share must be in (0, 1), got {self.labelled_share}")
         return out
+
+
+def repeat_labelled(table: pd.DataFrame, share: float) -> tuple[pd.DataFrame, int]:
+    """Repeat the labelled rows (``classifier_mask = 1``) r times so that they make up about ``share`` of the
+    table: every random batch then holds labelled rows and the classifier gets enough updates, while SupCon
+    still sees every pseudo-labelled row once per epoch.
+
+    Returns:
+        ``(table, r)``: the labelled rows r times (r >= 1), then the other rows.
+    """
+    lab = table[table["classifier_mask"] == 1]
+    rest = table[table["classifier_mask"] != 1]
+    r = max(1, round(share * len(rest) / ((1 - share) * len(lab)))) if len(lab) else 1
+    return pd.concat([lab] * r + [rest], ignore_index=True), r
 
 
 def split_labelled(df: pd.DataFrame, source: str, settings: Settings) -> tuple[np.ndarray, list]:
@@ -346,7 +363,8 @@ def pseudo_label_frame(df: pd.DataFrame, x: np.ndarray, y: np.ndarray, classes: 
 
     Returns:
         ``(table, summary)``: the training table (``text``, ``label``, ``metric_mask``, ``classifier_mask``,
-        ``source``, ``confidence``; labelled rows first, then pseudo-labelled rows, each in input order) and the
+        ``source``, ``confidence``; labelled rows first, ``settings.labelled_share`` repeating them (see
+        :func:`repeat_labelled`), then pseudo-labelled rows, each in input order) and the
         summary (coverage, per-class counts, purity distribution, precision estimate, thresholds).
     """
     num_classes = len(classes)
@@ -376,6 +394,9 @@ def pseudo_label_frame(df: pd.DataFrame, x: np.ndarray, y: np.ndarray, classes: 
                                    "confidence": result.confidence[pseudo]}))
         rejected_policy, pseudo_written = 0, len(pseudo)
     table = pd.concat(parts, ignore_index=True)
+    repeat = 1
+    if settings.labelled_share is not None:
+        table, repeat = repeat_labelled(table, settings.labelled_share)
     if all(isinstance(c, int) for c in classes):
         table["label"] = table["label"].astype("int64")
     purities = np.array([g["purity"] for g in result.groups if g["support"] > 0])
@@ -383,7 +404,7 @@ def pseudo_label_frame(df: pd.DataFrame, x: np.ndarray, y: np.ndarray, classes: 
         "rows": int(len(df)), "labelled": int(len(lab)), "unlabelled": n_unl,
         "pseudo_labelled": int(len(pseudo)), "rejected": n_unl - int(len(pseudo)),
         "coverage": float(len(pseudo) / n_unl) if n_unl else None,
-        "written": int(len(table)), "pseudo_written": pseudo_written, "left_out_by_metric_mask": rejected_policy,
+        "written": int(len(table)), "pseudo_written": pseudo_written, "labelled_repeat": repeat, "left_out_by_metric_mask": rejected_policy,
         "per_class": {str(c): {"labelled": int((y[lab] == i).sum()), "pseudo": int((result.labels[pseudo] == i).sum())}
                       for i, c in enumerate(classes)},
         "estimated_precision": estimate,

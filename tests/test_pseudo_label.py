@@ -20,6 +20,7 @@ from metric_ds.pseudo_label import (
     estimate_precision,
     holdout_rows,
     pseudo_label_frame,
+    repeat_labelled,
     split_labelled,
 )
 
@@ -139,6 +140,29 @@ def test_frame_output_masks_and_summary():
     assert len(only_labelled) == 8 and s2["left_out_by_metric_mask"] == 12
 
 
+@pytest.mark.parametrize("n_labelled,n_rest,share,want_r", [
+    (693, 8000, 0.5, 12),  # 693 x 12 = 8316 labelled of 16316 rows
+    (10, 30, 0.25, 1),
+    (10, 90, 0.5, 9),
+    (10, 2, 0.5, 1),       # never fewer than one copy
+])
+def test_repeat_labelled(n_labelled, n_rest, share, want_r):
+    table = pd.DataFrame({"text": [f"t{i}" for i in range(n_labelled + n_rest)],
+                          "classifier_mask": [1] * n_labelled + [0] * n_rest})
+    out, r = repeat_labelled(table, share)
+    assert r == want_r and len(out) == want_r * n_labelled + n_rest
+    assert out["text"].value_counts()["t0"] == want_r and out["text"].value_counts().get(f"t{n_labelled}") == (
+        1 if n_rest else None)
+
+
+def test_labelled_share_in_the_output():
+    df = _frame()
+    y, classes = split_labelled(df, "t", Settings())
+    x = np.where((np.arange(len(df)) < 10)[:, None], [1.0, 0.0], [0.0, 1.0]).astype(np.float32)
+    table, summary = pseudo_label_frame(df, x, y, classes, Settings(k_multiple=1, labelled_share=0.5))
+    assert summary["labelled_repeat"] == 2 and (table["source"] == "labelled").sum() == 16 and len(table) == 28
+
+
 @pytest.mark.parametrize("frame,args,message", [
     (pd.DataFrame({"text": ["a", "b"], "intent": ["x", None]}), [], "missing column(s) label"),
     (_frame(n_unlabelled=0), [], "no unlabelled row"),
@@ -149,6 +173,7 @@ def test_frame_output_masks_and_summary():
     (_frame(), ["--min-purity", "1.5"], "--min-purity must be in [0, 1], got 1.5"),
     (_frame(), ["--holdout-fraction", "1"], "--holdout-fraction must be in [0, 1), got 1.0"),
     (_frame(), ["--summary", "s.txt"], "give a .json file"),
+    (_frame(), ["--labelled-share", "1"], "--labelled-share must be in (0, 1), got 1.0"),
 ])
 def test_bad_input_is_refused_and_nothing_written(tmp_path, capsys, frame, args, message):
     src, out = tmp_path / "in.jsonl", tmp_path / "out.parquet"

@@ -64,7 +64,8 @@ def pseudo_label(input: str | Path, output: str | Path, model: str | Path | None
 def pseudo_label_command(args: argparse.Namespace) -> dict[str, Any]:
     settings = Settings(method=args.method, k_multiple=args.k_multiple, min_purity=args.min_purity,
                         min_labelled=args.min_labelled, neighbours=args.neighbours, margin=args.margin,
-                        metric_mask=args.metric_mask, holdout_fraction=args.holdout_fraction, seed=args.seed)
+                        metric_mask=args.metric_mask, holdout_fraction=args.holdout_fraction,
+                        labelled_share=args.labelled_share, seed=args.seed)
     summary = pseudo_label(args.input, args.output, args.model, settings, args.summary, args.batch_size,
                            args.max_seq_length)
     print(format_summary(summary))
