@@ -66,33 +66,52 @@ def worker(case: dict) -> None:
                   "note": f"{note}; of which above the data's RSS before the call: {peak - base / 2**20:.0f} MiB"})
 
 
+CASES = {"kmeans:154": {"provider": "kmeans", "k": 154}, "kmeans:770": {"provider": "kmeans", "k": 770},
+         "knn:7700": {"provider": "knn", "labelled": 7700}}
+
+
+def read_rows() -> list[dict]:
+    import csv
+
+    if not CSV.exists():
+        return []
+    with CSV.open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def render(rows: list[dict]) -> str:
+    lines = ["| method | N | d | setting | time (s) | peak RSS (MiB) | note |",
+             "| --- | ---: | ---: | --- | ---: | ---: | --- |"]
+    for t in (r for r in rows if r.get("metric") == "time"):
+        mem = next((r for r in rows if r.get("metric") == "peak_rss" and r["note"].startswith(t["note"])), {})
+        lines.append(f"| {t['provider']} | {t['B']} | {t['d']} | {t['note'].split(';')[0]} | {float(t['p50']):.1f} "
+                     f"| {float(mem.get('p50', 'nan')):.0f} | {mem.get('note', t['note'])} |")
+    lines += [f"| {r['provider']} | {r['B']} | {r['d']} | | {r['status']} | | {r.get('note', '')} |"
+              for r in rows if r.get("status", "ok") != "ok"]
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=384)
+    p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES),
+                   help="which cases to run; rows of other cases already in the CSV are kept")
     p.add_argument("--note", default="", help="recorded with each row (e.g. the machine's load)")
     args = p.parse_args()
     if args.worker:
         worker(json.loads(args.worker))
         return
-    cases = [{"provider": "kmeans", "k": 154}, {"provider": "kmeans", "k": 770}, {"provider": "knn", "labelled": 7700}]
-    rows = []
-    for case in cases:
-        case = {**case, "B": args.rows, "d": args.dim, "classes": 77, "note": args.note}
+    for name in args.cases:
+        case = {**CASES[name], "B": args.rows, "d": args.dim, "classes": 77, "note": args.note}
         got = harness.run_in_subprocess(Path(__file__), case, timeout=3600)
         print(got, flush=True)
-        rows += got
-    harness.write_csv(rows, CSV)
-    lines = ["| method | N | d | setting | time (s) | peak RSS (MiB) | note |", "| --- | ---: | ---: | --- | ---: | ---: | --- |"]
-    for t in (r for r in rows if r.get("metric") == "time"):
-        mem = next((r for r in rows if r.get("metric") == "peak_rss" and r["note"].startswith(t["note"])), {})
-        lines.append(f"| {t['provider']} | {t['B']} | {t['d']} | {t['note'].split(';')[0]} | {float(t['p50']):.1f} "
-                     f"| {float(mem.get('p50', 'nan')):.0f} | {mem.get('note', t['note'])} |")
-    failed = [r for r in rows if r.get("status", "ok") != "ok"]
-    lines += [f"| {r['provider']} | {r['B']} | {r['d']} | | {r['status']} | | {r.get('note', '')} |" for r in failed]
-    harness.replace_between_markers(HERE / "README.md", "cluster", "\n".join(lines))
-    print("\n".join(lines))
+        same = lambda r: r["provider"] == case["provider"] and int(r["B"]) == args.rows and (  # noqa: E731
+            r["note"].split(";")[0] == got[0].get("note", "").split(";")[0])
+        harness.write_csv([r for r in read_rows() if not same(r)] + got, CSV)
+        harness.replace_between_markers(HERE / "README.md", "cluster", render(read_rows()))
+    print(render(read_rows()))
 
 
 if __name__ == "__main__":

@@ -237,6 +237,18 @@ NOTES = [
 ]
 
 
+def save(result: dict | None, key: str | None, extra: dict | None = None) -> dict:
+    """Merge ``result`` (and ``extra``'s keys) into the JSON as it is now on disk, so that several study processes
+    (different rows or draws) can run at once; rewrite the Markdown."""
+    results = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
+    results.update({k: v for k, v in (extra or {}).items() if k.startswith("_")})
+    if key is not None:
+        results[key] = result
+    RESULTS_JSON.write_text(json.dumps(results, indent=2))
+    (b77.RESULTS / "limited_labels.md").write_text(render(results))
+    return results
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--k", type=int, nargs="+", default=[10, 5])
@@ -256,17 +268,15 @@ def main() -> None:
     results["_meta"] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
                         "torch": torch.__version__}
     results["_oracle"] = oracle_row()
+    results = save(None, None, results)
     for k in [] if args.render_only else args.k:
         for seed in args.draws:
             for row in args.rows:
                 key = f"k{k}/draw{seed}/{row}"
                 if key in results and not args.force:
                     continue
-                results[key] = run_row(row, k, seed, data_dir, args.max_steps)
-                RESULTS_JSON.write_text(json.dumps(results, indent=2))
-                (b77.RESULTS / "limited_labels.md").write_text(render(results))
-    RESULTS_JSON.write_text(json.dumps(results, indent=2))
-    (b77.RESULTS / "limited_labels.md").write_text(render(results))
+                results = save(run_row(row, k, seed, data_dir, args.max_steps), key)
+    results = save(None, None, results)
     print((b77.RESULTS / "limited_labels.md").read_text())
 
 
