@@ -100,6 +100,7 @@ def pseudo_label(inp: Path, gold: Path, out: Path, model: Path | None = None) ->
         correct += truth[unl[j]] == label
         j += 1
     summary["true_precision"] = correct / len(pseudo) if len(pseudo) else None
+    summary["classes_with_pseudo"] = sum(1 for v in summary["per_class"].values() if v["pseudo"])
     return summary
 
 
@@ -201,6 +202,17 @@ def render(results: dict) -> str:
     lines.append("| 10 | (banking77 study) | f | " + ROWS["f"] + " | " +
                  (f"{pct(f['test_accuracy'])} | {pct(f['test_macro_f1'])} | | | | | {f['steps']} | "
                   f"{f['train_wall_s'] / 60:.1f} min |" if f else "not run | | | | | | | |"))
+    if results.get("_pseudo"):
+        lines += ["", "Pseudo-labels of each draw (`metric-ds pseudo-label` defaults on the frozen MiniLM; round 1):", "",
+                  "| draw | labelled rows | unlabelled rows | pseudo-labelled (coverage) | classes given pseudo rows "
+                  "| est. precision (held-out rows assigned) | true precision |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for name, q in sorted(results["_pseudo"].items()):
+            est = q["estimated_precision"]
+            lines.append(f"| {name} | {q['labelled']} | {q['unlabelled']} | {q['pseudo_labelled']} "
+                         f"({pct(q['coverage'])}%) | {q['classes_with_pseudo']} of {len(q['per_class'])} "
+                         f"| {pct(est['precision'])} ({est['assigned']} of {est['held_out']}) "
+                         f"| {pct(q['true_precision'])} |")
     lines += ["", "Row f is an oracle upper bound (no user has those labels), with another recipe "
               f"({f['note'] if f else ''}); it is never compared with published results.", "",
               "Published few-shot results on the same test set (CPFT authors' table, test accuracy):", "",
