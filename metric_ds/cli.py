@@ -1,4 +1,4 @@
-"""The ``metric-ds`` command: train, validate, prepare, evaluate, predict, embed, export, report, env.
+"""The ``metric-ds`` command: train, validate, prepare, pseudo-label, evaluate, predict, embed, export, report, env.
 
 User errors print ``error: ...`` lines on stderr and exit 1 without a traceback (``--debug`` shows it).
 """
@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from metric_ds.console import add_config_arguments, add_train_arguments, apply_local_rank, config_from_args, run_guarded
+from metric_ds.pseudo_label import Settings
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from metric_ds.train import train_process
@@ -70,6 +71,12 @@ def _add_inference_arguments(sp: argparse.ArgumentParser, outputs: str) -> None:
     sp.add_argument("--batch-size", type=int, default=64, help="texts per forward pass")
     sp.add_argument("--chunk-size", type=int, default=10_000, help="rows read, tokenised and written at a time")
     sp.add_argument("--device", default=None, help="cuda, cuda:1, cpu... (default: the GPU when there is one)")
+
+
+def _cmd_pseudo_label(args: argparse.Namespace) -> None:
+    from metric_ds.commands.pseudo_label import pseudo_label_command
+
+    pseudo_label_command(args)
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
@@ -148,6 +155,36 @@ def build_parser() -> argparse.ArgumentParser:
                     help="z: the SupCon embedding; h: the pooled vector the classifier reads")
     sp.add_argument("--no-normalize", action="store_true", help="keep the vectors' norms")
     sp.set_defaults(fn=_cmd_embed)
+
+    d = Settings()
+    sp = sub.add_parser("pseudo-label", help="label unlabelled rows from clusters or neighbours of the labelled ones")
+    sp.add_argument("--input", required=True, help="table with text and label; an empty label marks an unlabelled row")
+    sp.add_argument("--output", required=True, help="the training table to write (.parquet, .csv or .jsonl)")
+    sp.add_argument("--model", default=None, help="embedding model: a run's best/ folder or an encoder folder "
+                    "(default: the bundled all-MiniLM-L6-v2)")
+    sp.add_argument("--method", choices=["kmeans", "knn"], default=d.method,
+                    help="k-means clusters with a purity threshold, or a vote of the labelled neighbours")
+    sp.add_argument("--k-multiple", type=int, default=d.k_multiple, help="kmeans: k = N x the number of classes")
+    sp.add_argument("--min-purity", type=float, default=d.min_purity,
+                    help="kmeans: least share of a cluster's labelled rows that carry its majority label")
+    sp.add_argument("--min-labelled", type=int, default=d.min_labelled,
+                    help="kmeans: least labelled rows in a cluster")
+    sp.add_argument("--neighbours", type=int, default=d.neighbours, help="knn: labelled neighbours that vote")
+    sp.add_argument("--margin", type=float, default=d.margin,
+                    help="knn: least lead of the top label's vote share over the runner-up's")
+    sp.add_argument("--metric-mask", choices=["all", "labelled"], default=d.metric_mask,
+                    help="all: SupCon on labelled and pseudo-labelled rows; labelled: on the labelled rows only "
+                         "(pseudo-labelled rows are then left out, as in prepare)")
+    sp.add_argument("--holdout-fraction", type=float, default=d.holdout_fraction,
+                    help="share of labelled rows hidden and pseudo-labelled to estimate the precision")
+    sp.add_argument("--labelled-share", type=float, default=d.labelled_share,
+                    help="repeat the labelled rows until they are about this share of the output (e.g. 0.5), so "
+                         "that every batch holds some; then give train a validation table (data.val_parquet_path)")
+    sp.add_argument("--seed", type=int, default=d.seed)
+    sp.add_argument("--summary", default=None, help="also write the summary to this JSON file")
+    sp.add_argument("--batch-size", type=int, default=128, help="embedding batch size")
+    sp.add_argument("--max-seq-length", type=int, default=128, help="embedding truncation length")
+    sp.set_defaults(fn=_cmd_pseudo_label)
 
     sp = sub.add_parser("report", help="plots and an HTML report of a run")
     sp.add_argument("run_dir", help="the run folder (checkpoints_dir/run_name)")

@@ -1,0 +1,296 @@
+"""The limited-labelling study on BANKING77: do unverified (pseudo-labelled) rows in SupCon add accuracy over the
+few verified rows?
+
+    .venv/bin/python benchmarks/limited_labels.py [--k 10 5] [--draws 0 1] [--rows a c e b] [--force]
+
+Setup: train.csv; for each k (labelled rows per class) and draw (the seed of the draw), k rows per class are
+labelled and every other row's label is hidden from every step. One labelled row per class is held out as the
+validation table (the checkpoint is chosen on it, never on test); the other k - 1 train. The gold labels of the
+unlabelled rows are read once, after pseudo-labelling, only to report the true precision beside the estimate.
+
+Rows (``configs/limited_labels.yaml``; labelled-only rows with ``training.num_epochs=15``):
+
+a. CE on the labelled rows alone;
+b. naive self-training: CE on labelled + pseudo-labelled rows (classifier_mask = 1 on all);
+c. the product: CE on the labelled rows + SupCon on labelled and pseudo-labelled rows;
+d. (c), round 2: pseudo-labels from (c)'s model (``pseudo-label --model RUN/best``);
+e. CE + SupCon on the labelled rows only (no unlabelled data; SetFit-like);
+f. the gold-label 10-shot row of ``banking77.json`` (SupCon sees the gold label of every row): an oracle.
+
+Results accumulate in ``benchmarks/results/limited_labels.json`` (a finished row is skipped unless ``--force``;
+run any subset of rows and draws, in any order) and are rendered to ``limited_labels.md``. Every training and
+evaluation goes through the ``metric-ds`` commands, with ``benchmarks/banking77.py``'s helpers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import banking77 as b77  # noqa: E402  (the BANKING77 study's helpers: run, prepare, WORK, PY, RESULTS)
+
+from metric_ds.data.prepare import classifier_subset, write_table  # noqa: E402
+from metric_ds.pseudo_label import repeat_labelled  # noqa: E402
+
+CONFIG = "configs/limited_labels.yaml"
+WORK = b77.WORK.parent / "limited"
+RESULTS_JSON = b77.RESULTS / "limited_labels.json"
+LABELLED_ONLY_EPOCHS = 15
+LABELLED_SHARE = 0.5  # labelled rows are repeated up to about this share of the joint table
+
+ROWS = {
+    "a": "CE on the k labelled rows alone",
+    "b": "naive self-training: CE on labelled + pseudo-labelled rows (classifier_mask = 1 on all)",
+    "c": "the product: CE on labelled rows + SupCon on labelled and pseudo-labelled rows",
+    "d": "(c), round 2: pseudo-labels from (c)'s model",
+    "e": "CE + SupCon on the labelled rows only (no unlabelled data; SetFit-like)",
+    "f": "oracle: 10 labelled rows per class (CE) + SupCon on every row with its gold label",
+}
+ANCHORS = [("USE+ConveRT", 77.75, 85.19), ("DNNC", 80.40, 86.71), ("CPFT", 80.86, 87.20), ("ICDA", 84.01, 89.79)]
+
+
+def draw(data_dir: Path, k: int, seed: int, out: Path) -> dict[str, Path]:
+    """Write the draw's tables: ``val`` (one labelled row per class), ``labelled`` (the other k - 1, masks 1/1),
+    ``pl_input`` (labelled rows + every other row with its label emptied) and ``gold`` (the hidden labels, in
+    ``pl_input``'s row order, for the after-the-fact precision only)."""
+    paths = {n: out / f"{n}.parquet" for n in ("val", "labelled", "pl_input", "gold")}
+    if all(p.exists() for p in paths.values()):
+        return paths
+    raw = pd.read_csv(data_dir / "train.csv")
+    df = pd.DataFrame({"text": raw["text"], "label": raw["category"].astype(str)})
+    chosen = classifier_subset(df["label"].to_numpy(), None, k, seed).astype(bool)
+    idx = np.flatnonzero(chosen)
+    rng = np.random.default_rng([seed, 1])
+    val_idx = np.sort([rng.choice(idx[df["label"].to_numpy()[idx] == c]) for c in sorted(df["label"].unique())])
+    lab_idx = np.setdiff1d(idx, val_idx)
+    unl_idx = np.flatnonzero(~chosen)
+    masks = {"metric_mask": 1, "classifier_mask": 1}
+    write_table(df.iloc[val_idx].assign(**masks).reset_index(drop=True), paths["val"])
+    write_table(df.iloc[lab_idx].assign(**masks).reset_index(drop=True), paths["labelled"])
+    pl = pd.concat([df.iloc[lab_idx], df.iloc[unl_idx].assign(label=None)], ignore_index=True)
+    write_table(pl, paths["pl_input"])
+    write_table(pd.concat([df.iloc[lab_idx], df.iloc[unl_idx]], ignore_index=True)[["label"]], paths["gold"])
+    return paths
+
+
+def pseudo_label(inp: Path, gold: Path, out: Path, model: Path | None = None) -> dict:
+    """Run ``metric-ds pseudo-label`` (default settings) and add the true precision from the gold labels."""
+    summary_path = out.with_suffix(".summary.json")
+    if not out.exists():
+        cmd = [b77.PY, "-m", "metric_ds", "pseudo-label", "--input", str(inp), "--output", str(out),
+               "--summary", str(summary_path), "--max-seq-length", "64"]
+        b77.run(cmd + (["--model", str(model)] if model else []))
+    summary = json.loads(summary_path.read_text())
+    table, src, truth = pd.read_parquet(out), pd.read_parquet(inp), pd.read_parquet(gold)["label"].to_numpy()
+    # pseudo rows keep the input order: walk the unlabelled input rows to find each one's gold label
+    unl = np.flatnonzero(src["label"].isna().to_numpy())
+    texts = src["text"].to_numpy()
+    pseudo = table[table["source"] == "pseudo"]
+    j, correct = 0, 0
+    for text, label in zip(pseudo["text"], pseudo["label"]):
+        while texts[unl[j]] != text:
+            j += 1
+        correct += truth[unl[j]] == label
+        j += 1
+    summary["true_precision"] = correct / len(pseudo) if len(pseudo) else None
+    summary["classes_with_pseudo"] = sum(1 for v in summary["per_class"].values() if v["pseudo"])
+    return summary
+
+
+def train_eval(name: str, run_root: Path, train: Path, val: Path, test: Path, bank: Path, sets: list[str]) -> dict:
+    """Train with the recipe plus ``sets``, then evaluate ``best/`` once on test (k-NN against the labelled
+    training rows only)."""
+    run_dir = run_root / name
+    all_sets = [f"run_name={name}", f"checkpointing.checkpoints_dir={run_root}", f"data.parquet_path={train}",
+                f"data.val_parquet_path={val}", *sets]
+    start = time.time()
+    b77.run([b77.PY, "-m", "metric_ds", "train", "--overwrite", "--config", CONFIG, *sum((["--set", s] for s in all_sets), [])])
+    wall = time.time() - start
+    ev_path = run_dir / "eval" / "test.json"
+    b77.run([b77.PY, "-m", "metric_ds", "evaluate", "--model", str(run_dir / "best"), "--data", str(test),
+             "--bank-data", str(bank), "--output", str(ev_path), "--max-seq-length", "64"])
+    summary, ev = json.loads((run_dir / "summary.json").read_text()), json.loads(ev_path.read_text())
+    return {"overrides": all_sets, "train_wall_s": round(wall, 1), "steps": summary["steps"],
+            "best_step": summary["best_step"], "val_acc": summary["best_value"],
+            "test_accuracy": ev.get("accuracy"), "test_macro_f1": ev.get("macro_f1"),
+            "test_knn_acc": ev.get("retrieval", {}).get("knn_acc")}
+
+
+def run_row(row: str, k: int, seed: int, data_dir: Path, max_steps: int | None = None) -> dict:
+    out = WORK / f"k{k}_draw{seed}"
+    paths = draw(data_dir, k, seed, out)
+    _, test = b77.prepare(data_dir, "", [], 42)
+    common = dict(run_root=out / "runs", val=paths["val"], test=test, bank=paths["labelled"])
+    seed_set = [f"training.seed={seed}"] + ([f"training.max_steps={max_steps}"] if max_steps else [])
+    if row in ("a", "e"):
+        sets = seed_set + [f"training.num_epochs={LABELLED_ONLY_EPOCHS}"]
+        if row == "a":
+            sets.append("training.metric_loss_weight=0")
+        return train_eval(row, train=paths["labelled"], sets=sets, **common)
+    if row == "d":
+        model = out / "runs" / "c" / "best"
+        if not model.exists():
+            raise SystemExit(f"row d needs row c of k={k}, draw {seed} first")
+        pl_path, pl = out / "pseudo_round2.parquet", pseudo_label(paths["pl_input"], paths["gold"],
+                                                                   out / "pseudo_round2.parquet", model)
+    else:
+        pl_path, pl = out / "pseudo.parquet", pseudo_label(paths["pl_input"], paths["gold"], out / "pseudo.parquet")
+    table, r = repeat_labelled(pd.read_parquet(pl_path), LABELLED_SHARE)
+    sets = list(seed_set)
+    if row == "b":
+        table = table.assign(classifier_mask=1, metric_mask=0)
+        sets.append("training.metric_loss_weight=0")
+    train = out / f"train_{row}.parquet"
+    write_table(table, train)
+    result = train_eval(row, train=train, sets=sets, **common)
+    result.update(labelled_repeat=r, pseudo={key: pl[key] for key in ("pseudo_labelled", "unlabelled", "coverage",
+                                                                       "true_precision")},
+                  estimated_precision=pl["estimated_precision"]["precision"])
+    return result
+
+
+def oracle_row() -> dict | None:
+    """Row f from ``banking77.json`` (measured there, not re-run)."""
+    path = b77.RESULTS / "banking77.json"
+    r = json.loads(path.read_text()).get("fewshot_ce_supcon") if path.exists() else None
+    if r is None:
+        return None
+    return {"test_accuracy": r["test_accuracy"], "test_macro_f1": r["test_macro_f1"], "steps": r["steps"],
+            "train_wall_s": r["train_wall_s"], "source": "benchmarks/results/banking77.json: fewshot_ce_supcon",
+            "note": "one lr for all parameters, 3 epochs of configs/banking77.yaml, validation split of its own; "
+                    "SupCon saw every row's gold label"}
+
+
+def render(results: dict) -> str:
+    meta = results.get("_meta", {})
+    pct = lambda v: "" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    lines = ["# Limited labelling on BANKING77", "",
+             "k labelled rows per class drawn from train.csv by seed (the draw); every other label hidden. One "
+             "labelled row per class is the validation table (checkpoint choice); k - 1 train. Test: test.csv "
+             "(3,080 rows), once per row. Model: the bundled all-MiniLM-L6-v2, `configs/limited_labels.yaml`. "
+             "Pseudo-labels: `metric-ds pseudo-label` with its defaults (k-means, k = 2 x 77, min purity 0.8, "
+             "min 2 labelled rows per cluster) on the frozen MiniLM. True precision uses the hidden gold labels, "
+             "after the fact only.", "",
+             f"Machine: {meta.get('machine')}, shared with other jobs (wall times vary with the load); "
+             f"torch {meta.get('torch')}.", "",
+             "| k | draw | row | configuration | test acc | test macro-F1 | k-NN acc (labelled bank) | pseudo rows "
+             "(coverage) | est. precision | true precision | steps | train wall |",
+             "| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    keys = sorted({tuple(key.split("/")[:2]) for key in results if not key.startswith("_")})
+    for kk, dd in keys or [("k10", "draw0")]:
+        for row, desc in ROWS.items():
+            if row == "f":
+                continue
+            r = results.get(f"{kk}/{dd}/{row}")
+            head = f"| {kk[1:]} | {dd[4:]} | {row} | {desc} |"
+            if r is None:
+                lines.append(head + " not run | | | | | | | |")
+                continue
+            p = r.get("pseudo", {})
+            cover = f"{p['pseudo_labelled']} ({pct(p['coverage'])}%)" if p else ""
+            lines.append(f"{head} {pct(r['test_accuracy'])} | {pct(r['test_macro_f1'])} | {pct(r.get('test_knn_acc'))} "
+                         f"| {cover} | {pct(r.get('estimated_precision'))} | {pct(p.get('true_precision'))} "
+                         f"| {r['steps']} | {r['train_wall_s'] / 60:.1f} min |")
+    f = results.get("_oracle")
+    lines.append("| 10 | (banking77 study) | f | " + ROWS["f"] + " | " +
+                 (f"{pct(f['test_accuracy'])} | {pct(f['test_macro_f1'])} | | | | | {f['steps']} | "
+                  f"{f['train_wall_s'] / 60:.1f} min |" if f else "not run | | | | | | | |"))
+    if results.get("_pseudo"):
+        lines += ["", "Pseudo-labels of each draw (`metric-ds pseudo-label` defaults on the frozen MiniLM; round 1):", "",
+                  "| draw | labelled rows | unlabelled rows | pseudo-labelled (coverage) | classes given pseudo rows "
+                  "| est. precision (held-out rows assigned) | true precision |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for name, q in sorted(results["_pseudo"].items()):
+            est = q["estimated_precision"]
+            lines.append(f"| {name} | {q['labelled']} | {q['unlabelled']} | {q['pseudo_labelled']} "
+                         f"({pct(q['coverage'])}%) | {q['classes_with_pseudo']} of {len(q['per_class'])} "
+                         f"| {pct(est['precision'])} ({est['assigned']} of {est['held_out']}) "
+                         f"| {pct(q['true_precision'])} |")
+    lines += ["", "Row f is an oracle upper bound (no user has those labels), with another recipe "
+              f"({f['note'] if f else ''}); it is never compared with published results.", "",
+              "Published few-shot results on the same test set (CPFT authors' table, test accuracy):", "",
+              "| model | 5-shot | 10-shot |", "| --- | ---: | ---: |"]
+    lines += [f"| {m} | {a:.2f} | {b:.2f} |" for m, a, b in ANCHORS]
+    lines += ["", "## Against the targets", ""]
+    for kk, dd in keys:
+        g = lambda row: (results.get(f"{kk}/{dd}/{row}") or {}).get("test_accuracy")  # noqa: E731
+        a, b, c, d = g("a"), g("b"), g("c"), g("d")
+        if kk == "k10" and a is not None and c is not None:
+            gap = 100 * (c - a)
+            lines.append(f"- {kk}, {dd}: (c) - (a) = {gap:+.2f} points (target +5: "
+                         f"{'met' if gap >= 5 else f'missed by {5 - gap:.2f}'}).")
+        if b is not None and c is not None:
+            lines.append(f"- {kk}, {dd}: (c) {'>=' if c >= b else '<'} (b): {100 * c:.2f} vs {100 * b:.2f}.")
+        best = max(v for v in (c, d, -1) if v is not None)
+        if kk == "k10" and best >= 0:
+            lines.append(f"- {kk}, {dd}: best of (c)/(d) {100 * best:.2f} vs CPFT 87.20 "
+                         f"({100 * best - 87.20:+.2f}) and ICDA 89.79 ({100 * best - 89.79:+.2f}).")
+    lines += ["", "## Notes", ""] + [f"- {n}" for n in NOTES + results.get("_notes", [])]
+    return "\n".join(lines) + "\n"
+
+
+NOTES = [
+    "Recipe (generic, `configs/limited_labels.yaml`): the BANKING77 settings (lr 1e-4, head lr 3e-3, batch 64, "
+    "SupCon temperature 0.1, weight 0.5) on the pseudo-labelled table, whose labelled rows are repeated up to "
+    "about half of it (`repeat_labelled`, as `pseudo-label --labelled-share 0.5` does; ~32 labelled rows in each "
+    "batch of 64); rows on the labelled rows alone (a, e) train for 15 epochs. `--max-steps` caps every row at the "
+    "same number of optimizer steps where the CPU allows no more (each row's steps are in the table).",
+    "Checkpoint choice: accuracy on the validation table (one held-out labelled row per class, 77 rows, so "
+    "+-5 points per run), evaluated at each epoch end; so each row trains on k - 1 labelled rows per class, "
+    "one fewer than the published k-shot results use.",
+    "k-NN accuracy searches a bank of the labelled training rows only (the verified rows).",
+]
+
+
+def save(result: dict | None, key: str | None, extra: dict | None = None) -> dict:
+    """Merge ``result`` (and ``extra``'s keys) into the JSON as it is now on disk, so that several study processes
+    (different rows or draws) can run at once; rewrite the Markdown."""
+    results = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
+    results.update({k: v for k, v in (extra or {}).items() if k.startswith("_")})
+    if key is not None:
+        results[key] = result
+    RESULTS_JSON.write_text(json.dumps(results, indent=2))
+    (b77.RESULTS / "limited_labels.md").write_text(render(results))
+    return results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--k", type=int, nargs="+", default=[10, 5])
+    p.add_argument("--draws", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--rows", nargs="+", choices=[r for r in ROWS if r != "f"], default=["a", "c", "e", "b", "d"])
+    p.add_argument("--force", action="store_true", help="re-run rows already in the results")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="cap every row at this many optimizer steps (an equal compute budget; recorded in each row)")
+    p.add_argument("--render-only", action="store_true", help="rewrite the Markdown from the JSON")
+    args = p.parse_args()
+    data_dir = Path(os.environ.get("BANKING77_DIR", b77.ROOT.parent / "shared" / "data" / "banking77"))
+    results = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
+    import platform
+
+    import torch
+
+    results["_meta"] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+                        "torch": torch.__version__}
+    results["_oracle"] = oracle_row()
+    results = save(None, None, results)
+    for k in [] if args.render_only else args.k:
+        for seed in args.draws:
+            for row in args.rows:
+                key = f"k{k}/draw{seed}/{row}"
+                if key in results and not args.force:
+                    continue
+                results = save(run_row(row, k, seed, data_dir, args.max_steps), key)
+    results = save(None, None, results)
+    print((b77.RESULTS / "limited_labels.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
