@@ -352,3 +352,24 @@ def test_evaluate_with_a_missing_bank_file_is_an_error(tmp_path, tiny_model_dir,
     trainer, summary = run(tmp_path, tiny_model_dir, tiny_table, training__max_steps=1)
     with pytest.raises(UserError, match="--bank-data: .*nowhere.parquet does not exist"):
         evaluate(summary["best_dir"], tiny_table, bank_data=tmp_path / "nowhere.parquet")
+
+
+# ------------------------------------------------------------------------- rank 0 decides what is "better"
+
+
+def test_the_best_export_follows_rank_0s_decision(tmp_path, tiny_model_dir, tiny_table, monkeypatch):
+    """Ranks whose float metrics differ in the last bit must not disagree on exporting best/ (a collective under
+    ZeRO-3): every rank takes rank 0's broadcast decision, even against its own comparison."""
+    import metric_ds.train as train_mod
+
+    seen = []
+
+    def rank0_says_no(flag, device):
+        seen.append(flag)
+        return False
+
+    monkeypatch.setattr(train_mod.D, "broadcast_flag", rank0_says_no)
+    with pytest.raises(UserError, match="no best/ was written"):
+        run(tmp_path, tiny_model_dir, tiny_table, training__max_steps=2)
+    assert seen and seen[0] is True  # this rank's own comparison said "better"
+    assert not (tmp_path / "runs" / "t" / "best").exists()
