@@ -9,7 +9,7 @@ the optimizer, the batch's activations. The model is the bundled all-MiniLM-L6-v
 64) on the first ``--rows`` sentences of BANKING77's train.csv with their labels; fp32, DeepSpeed ZeRO 0, one
 process. A step is forward(s), the joint loss (CE + SupCon, fused op), backward(s) and AdamW; the step time is the
 p50 of ``--steps`` steps after one warm-up step. The ratio of the two step times is the cost of the second
-forward. Results: ``benchmarks/results/accumulated.csv`` and a table in ``benchmarks/README.md``.
+forward. Results: ``benchmarks/results/accumulated_ROWS.csv`` and a table per size in ``benchmarks/README.md``.
 """
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=1024, help="the contrastive batch")
     p.add_argument("--micro", type=int, default=64, help="micro-batch rows of the accumulated configuration")
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--out", type=Path, default=HERE / "results" / "accumulated.csv")
+    p.add_argument("--out", type=Path, default=None, help="default: results/accumulated_ROWS.csv")
     args = harness.parse_or_work(p, run_case)
     if args is None:
         return
@@ -96,7 +96,7 @@ def main() -> None:
         got = harness.run_in_subprocess(Path(__file__), case, timeout=3600)
         rows += got
         print(got, flush=True)
-    harness.write_csv(rows, args.out)
+    harness.write_csv(rows, args.out or HERE / "results" / f"accumulated_{args.rows}.csv")
     by = {(r["provider"], r.get("metric")): r for r in rows}
     lines = ["| configuration | step time (s) | peak RSS (MiB) |", "| --- | ---: | ---: |"]
     for provider in ("micro", "accumulated"):
@@ -109,7 +109,7 @@ def main() -> None:
                      "(the second forward).")
     table = "\n".join(lines)
     print(table)
-    harness.replace_between_markers(HERE / "README.md", "accumulated", table)
+    harness.replace_between_markers(HERE / "README.md", f"accumulated-{args.rows}", table)
 
 
 if __name__ == "__main__":

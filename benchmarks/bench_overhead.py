@@ -165,8 +165,8 @@ def worker_bare(cfg_path: str, device: str) -> dict[str, Any]:
     from metric_ds.data.collate import Collator, TextDataset
     from metric_ds.data.pipeline import load_training_data
     from metric_ds.losses import JointLoss
-    from metric_ds.model import MetricClassifier, load_encoder
-    from metric_ds.train import MODEL_INPUTS, _param_groups, _scheduler_factory, _train_sampler, seed_everything
+    from metric_ds.model import MetricClassifier, load_encoder, model_inputs
+    from metric_ds.train import _param_groups, _scheduler_factory, _train_sampler, seed_everything
 
     cfg = load_config(cfg_path, [])
     t = cfg.training
@@ -179,10 +179,10 @@ def worker_bare(cfg_path: str, device: str) -> dict[str, Any]:
                                   lr=cfg.optimizer.learning_rate, fused=True)
     scheduler = _scheduler_factory(cfg, t.max_steps)(optimizer)
     loss_fn = JointLoss(t.classification_loss_weight, t.metric_loss_weight, t.supcon_temperature, t.supcon_impl,
-                        t.supcon_scope)
+                        t.supcon_scope, num_classes=data.label_map.num_classes)
     loader = torch.utils.data.DataLoader(
         TextDataset.from_frame(data.train, tokenizer, t.max_seq_length),
-        batch_sampler=_train_sampler(cfg, data.train, t.seed), collate_fn=Collator(tokenizer, t.max_seq_length),
+        batch_sampler=_train_sampler(cfg, data.train, t.seed), collate_fn=Collator(tokenizer),
         num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(t.seed))
     autocast = (torch.autocast(device, dtype=torch.bfloat16) if t.mixed_precision == "bf16"
                 else contextlib.nullcontext())
@@ -195,9 +195,9 @@ def worker_bare(cfg_path: str, device: str) -> dict[str, Any]:
             start, cpu_start = time.perf_counter(), time.process_time()
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast:
-            out = model(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
+            out = model(**model_inputs(batch))
             terms = loss_fn(out.logits, out.z, batch["labels"], batch["classifier_mask"], batch["metric_mask"])
-        terms["loss"].backward()
+        terms.backward_loss.backward()
         if t.gradient_clip_val > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.gradient_clip_val)
         optimizer.step()
