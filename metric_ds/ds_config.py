@@ -46,9 +46,10 @@ def _set(ds: dict[str, Any], path: str, value: Any) -> None:
 
 
 def _optimizer(cfg: Config) -> dict[str, Any]:
-    # torch's AdamW: DeepSpeed's fused CPU/CUDA Adam would need a JIT build on first use.
+    # torch's AdamW: DeepSpeed's fused CPU/CUDA Adam would need a JIT build on first use. Multi-tensor (foreach):
+    # the per-tensor loop took ~12% of a MiniLM step on CPU (benchmarks/bench_overhead.py).
     return {"type": "AdamW", "params": {"lr": cfg.optimizer.learning_rate, "weight_decay": cfg.optimizer.weight_decay,
-                                        "torch_adam": True}}
+                                        "torch_adam": True, "foreach": True}}
 
 
 # The DeepSpeed keys our config decides: (DeepSpeed key path, our key that sets it, its value or None where
