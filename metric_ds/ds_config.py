@@ -45,13 +45,6 @@ def _set(ds: dict[str, Any], path: str, value: Any) -> None:
         ds[head] = value
 
 
-def _optimizer(cfg: Config) -> dict[str, Any]:
-    # torch's AdamW: DeepSpeed's fused CPU/CUDA Adam would need a JIT build on first use. Multi-tensor (foreach):
-    # the per-tensor loop took ~12% of a MiniLM step on CPU (benchmarks/bench_overhead.py).
-    return {"type": "AdamW", "params": {"lr": cfg.optimizer.learning_rate, "weight_decay": cfg.optimizer.weight_decay,
-                                        "torch_adam": True, "foreach": True}}
-
-
 # The DeepSpeed keys our config decides: (DeepSpeed key path, our key that sets it, its value or None where
 # DeepSpeed derives it or we pass an object instead). The one table of them: the builder writes these and the
 # config refuses them in the passthrough ``deepspeed.config``.
@@ -63,7 +56,7 @@ _OWNED: tuple[tuple[str, str, Callable[[Config], Any] | None], ...] = (
     ("gradient_clipping", "training.gradient_clip_val", lambda c: c.training.gradient_clip_val),
     ("fp16", "training.mixed_precision", lambda c: {"enabled": c.training.mixed_precision == "fp16"}),
     ("bf16", "training.mixed_precision", lambda c: {"enabled": c.training.mixed_precision == "bf16"}),
-    ("optimizer", "optimizer.*", _optimizer),
+    ("optimizer", "optimizer.*", None),  # our torch AdamW (fused where it can be) is passed to deepspeed.initialize
     ("scheduler", "scheduler.*", None),  # our transformers scheduler is passed to deepspeed.initialize
     ("zero_optimization.stage", "deepspeed.zero_stage", lambda c: c.deepspeed.zero_stage),
 )

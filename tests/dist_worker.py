@@ -71,7 +71,7 @@ def main() -> None:
     # Plain SGD makes "parameters equal after the step" the same as "gradients equal": Adam would divide
     # noise-level gradients (e.g. of attention key biases, whose true gradient is 0) by their own size.
     ds_config = build_ds_config(cfg)
-    ds_config.pop("optimizer")
+    ds_config.pop("optimizer", None)
     ds_config["zero_allow_untested_optimizer"] = True
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
                                       config=ds_config)

@@ -65,6 +65,10 @@ def test_zero_stages_train_validate_export(tmp_path, tiny_model_dir, tiny_table,
                 "val/knn_f1", "bank/size"):
         assert key in v, key
     assert summary["steps"] == 4 and summary["best_step"] in (2, 4)
+    # every stage steps our fused AdamW (DeepSpeed's own torch_adam path cannot fuse), and it took the steps
+    optimizer = trainer.engine.basic_optimizer
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"]
+    assert any(optimizer.state.values())
     # best/ is a plain HF folder
     from transformers import AutoModel
 
