@@ -13,8 +13,10 @@ Two methods, both on L2-normalised embeddings:
 
 The precision estimate needs no gold label: a stratified share of the labelled rows is treated as unlabelled
 (the clustering stays as it is; only the labels are hidden), pseudo-labelled from the remaining labelled rows,
-and scored against its own labels. The final assignment uses every labelled row. The estimate is a little
-pessimistic (fewer labelled rows vote) and assumes the labelled rows are a random draw of the data.
+and scored against its own labels. The final assignment uses every labelled row. With an embedding that never saw
+the labels (round 1) the estimate is a little pessimistic (fewer labelled rows vote); with a model trained on the
+labelled rows (round 2, ``--model RUN/best``) it is optimistic, and the summary says so. It assumes the labelled
+rows are a random draw of the data.
 
 Every function below the embedding is a pure function of arrays, so tests can call it on constructed
 embeddings.
@@ -435,7 +437,8 @@ def format_summary(summary: dict[str, Any]) -> str:
              f"pseudo-labelled {summary['pseudo_labelled']} (coverage {pct(summary['coverage'])}), "
              f"rejected {summary['rejected']}",
              f"estimated precision {pct(est['precision'])} (held out {est['held_out']} labelled rows, "
-             f"{est['assigned']} of them assigned, coverage {pct(est['coverage'])})"]
+             f"{est['assigned']} of them assigned, coverage {pct(est['coverage'])})"
+             + (f"; {est['caveat']}" if est.get("caveat") else "")]
     if "clusters" in summary:
         c = summary["clusters"]
         med = c["purity_quantiles"].get("0.5")

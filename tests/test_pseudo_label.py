@@ -206,8 +206,22 @@ def test_end_to_end_with_a_tiny_model(tmp_path, capsys, tiny_model_dir, method):
     assert summary["labelled"] == 20 and summary["unlabelled"] == 40
     assert summary["pseudo_labelled"] + summary["rejected"] == 40 and len(table) == 20 + summary["pseudo_labelled"]
     assert summary["thresholds"]["method"] == method
+    assert "caveat" not in summary["estimated_precision"]  # a plain encoder never saw the labels
     # thresholds of 0: every unlabelled row is given a label
     assert summary["pseudo_labelled"] == 40 and summary["coverage"] == 1.0
     # the table is a training table as it is, extra columns and all
     data = build_training_data(out, val_ratio=0.2, batch_size=4)
     assert len(data.train) + len(data.val) == 60 and data.label_map.num_classes == 3
+
+
+def test_a_trained_model_flags_the_estimate_as_optimistic(tmp_path, capsys, tiny_run):
+    """Round 2 (``--model RUN/best``): the model trained on the held-out labelled rows, so the summary says the
+    estimate leans high; round 1 (a plain encoder) carries no such caveat (the end-to-end test above)."""
+    df = make_frame(48, num_classes=3).drop(columns=["metric_mask", "classifier_mask"])
+    df.loc[df.index % 3 != 0, "label"] = None
+    src, out, summary_path = tmp_path / "in.csv", tmp_path / "out.parquet", tmp_path / "summary.json"
+    df.to_csv(src, index=False)
+    assert main(["pseudo-label", "--input", str(src), "--output", str(out), "--model", str(tiny_run / "best"),
+                 "--min-purity", "0", "--min-labelled", "1", "--summary", str(summary_path)]) == 0
+    assert "optimistic" in capsys.readouterr().out
+    assert "optimistic" in json.loads(summary_path.read_text())["estimated_precision"]["caveat"]
