@@ -56,7 +56,7 @@ _OWNED: tuple[tuple[str, str, Callable[[Config], Any] | None], ...] = (
     ("gradient_clipping", "training.gradient_clip_val", lambda c: c.training.gradient_clip_val),
     ("fp16", "training.mixed_precision", lambda c: {"enabled": c.training.mixed_precision == "fp16"}),
     ("bf16", "training.mixed_precision", lambda c: {"enabled": c.training.mixed_precision == "bf16"}),
-    ("optimizer", "optimizer.*", None),  # our torch AdamW (fused where it can be) is passed to deepspeed.initialize
+    ("optimizer", "optimizer.*", None),  # our fused torch AdamW is passed to deepspeed.initialize (train._make_optimizer)
     ("scheduler", "scheduler.*", None),  # our transformers scheduler is passed to deepspeed.initialize
     ("zero_optimization.stage", "deepspeed.zero_stage", lambda c: c.deepspeed.zero_stage),
 )
