@@ -185,7 +185,8 @@ NOTES = [
     "CE + SupCon against CE alone, one seed each: on validation CE + SupCon led (92.22 vs 91.72), on test CE alone "
     "led (93.70 vs 93.18). Both gaps are about one standard error (test: 3,080 rows, +-0.45 points), so this study "
     "cannot say that either is better; several seeds would. CE alone, not CE + SupCon, is the run above BERT-large's "
-    "93.66. Where SupCon does help clearly is the limited-labelling case below (+5.4 points).",
+    "93.66. Where SupCon does help clearly is the limited-labelling case below (+5.4 points), but there SupCon sees "
+    "the gold label of every row, an oracle; with pseudo-labels instead, see `limited_labels.md` (about level).",
     "The 10-shot pair ran with one lr for all parameters (before head_learning_rate existed); it was not re-run "
     "with the head lr for lack of CPU time, so its rows are comparable with each other but not with the full-data "
     "rows above them.",
