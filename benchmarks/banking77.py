@@ -225,9 +225,9 @@ def render_seeds(results: dict) -> list[str]:
     for n in names:
         runs = seed_runs(results, n)
         acc = np.array([100 * runs[k] for k in sorted(runs)])
-        stats[n] = (acc.mean(), acc.std(ddof=1), len(acc))
+        stats[n] = mean, std, _ = acc.mean(), acc.std(ddof=1), len(acc)
         lines.append(f"| {STUDY[n][2]} | {', '.join(map(str, sorted(runs)))} | "
-                     f"{', '.join(f'{a:.2f}' for a in acc)} | {acc.mean():.2f} | {acc.std(ddof=1):.2f} |")
+                     f"{', '.join(f'{a:.2f}' for a in acc)} | {mean:.2f} | {std:.2f} |")
     if "ce_supcon" in stats and "ce_only" in stats:
         (m1, s1, n1), (m2, s2, n2) = stats["ce_supcon"], stats["ce_only"]
         se = (s1 ** 2 / n1 + s2 ** 2 / n2) ** 0.5
