@@ -80,28 +80,35 @@ def embed_texts(model: TextEmbedder, texts: list[str], batch_size: int = 128, ma
                 device: Any = None) -> np.ndarray:
     """Embed texts in batches, with a progress bar, on the GPU when there is one (``device=None``).
 
-    Texts are sorted by length so that each batch pads little; the output keeps the input order.
+    The batching is inference's (:func:`metric_ds.data.collate.length_sorted_batches`, longest first, so a batch
+    that does not fit shows at once and each batch pads little); the output keeps the input order.
 
     Returns:
         float32 array, shape (N, dim), rows of unit norm.
     """
     import torch
-    from tqdm.auto import tqdm
+
+    from metric_ds.data.collate import Collator, length_sorted_batches
+    from metric_ds.progress import progress_bar
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.model.to(device).eval()
     enc = model.tokenizer(list(texts), truncation=True, max_length=max_seq_length, return_attention_mask=False)
     keys = [k for k in ("input_ids", "token_type_ids") if k in enc]
-    order = np.argsort([len(ids) for ids in enc["input_ids"]], kind="stable")
+    collate = Collator(model.tokenizer)
     out = torch.empty(0)
-    for start in tqdm(range(0, len(order), batch_size), desc="embedding", unit="batch", leave=False):
-        rows = order[start:start + batch_size]
-        batch = model.tokenizer.pad({k: [enc[k][i] for i in rows] for k in keys}, return_tensors="pt")
-        with torch.no_grad():
-            z = model(**{k: v.to(device) for k, v in batch.items()}).float().cpu()
-        if out.numel() == 0:
-            out = torch.empty(len(order), z.shape[1])
-        out[torch.as_tensor(rows)] = z
+    bar = progress_bar(len(texts), "embedding", unit="texts")
+    try:
+        for rows in length_sorted_batches([len(ids) for ids in enc["input_ids"]], batch_size):
+            batch = collate([{k: enc[k][i] for k in keys} for i in rows])
+            with torch.inference_mode():
+                z = model(**{k: v.to(device) for k, v in batch.items()}).float().cpu()
+            if out.numel() == 0:
+                out = torch.empty(len(texts), z.shape[1])
+            out[torch.as_tensor(rows)] = z
+            bar.update(len(rows))
+    finally:
+        bar.close()
     return out.numpy()
 
 

@@ -17,8 +17,10 @@ from metric_ds.pseudo_label import (
     assign_by_knn,
     cluster_embeddings,
     cluster_purity,
+    embed_texts,
     estimate_precision,
     holdout_rows,
+    load_embedder,
     pseudo_label_frame,
     repeat_labelled,
     split_labelled,
@@ -225,3 +227,18 @@ def test_a_trained_model_flags_the_estimate_as_optimistic(tmp_path, capsys, tiny
                  "--min-purity", "0", "--min-labelled", "1", "--summary", str(summary_path)]) == 0
     assert "optimistic" in capsys.readouterr().out
     assert "optimistic" in json.loads(summary_path.read_text())["estimated_precision"]["caveat"]
+
+
+@pytest.mark.parametrize("which", ["encoder", "export"])
+def test_batched_embeddings_keep_input_order(tiny_model_dir, tiny_run, which):
+    """Length-sorted batches give each text the embedding it gets alone (padding changes nothing), in input
+    order, with unit norm: for a plain encoder (mean pooling) and a trained export (its ``z``)."""
+    texts = ["card", "my top up failed twice yesterday at the atm", "pin", "exchange fee for a transfer abroad",
+             "lost card", "refund"]
+    embedder = load_embedder(tiny_model_dir if which == "encoder" else tiny_run / "best")
+    batched = embed_texts(embedder, texts, batch_size=4, device="cpu")
+    alone = np.concatenate([embed_texts(embedder, [t], batch_size=1, device="cpu") for t in texts])
+    assert batched.shape == (len(texts), alone.shape[1]) and batched.dtype == np.float32
+    np.testing.assert_allclose(batched, alone, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
+    assert not np.allclose(batched[0], batched[1])  # distinct texts, distinct rows: the order is checked
