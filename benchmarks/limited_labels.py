@@ -117,29 +117,36 @@ def train_eval(name: str, run_root: Path, train: Path, val: Path, test: Path, ba
     b77.run([b77.PY, "-m", "metric_ds", "evaluate", "--model", str(run_dir / "best"), "--data", str(test),
              "--bank-data", str(bank), "--output", str(ev_path), "--max-seq-length", "64"])
     summary, ev = json.loads((run_dir / "summary.json").read_text()), json.loads(ev_path.read_text())
+    by = next((x.split("=", 1)[1] for x in sets if x.startswith("checkpointing.save_best_by=")), "acc")
     return {"overrides": all_sets, "train_wall_s": round(wall, 1), "steps": summary["steps"],
-            "best_step": summary["best_step"], "val_acc": summary["best_value"],
+            "best_step": summary["best_step"], "checkpoint_by": by, f"val_{by}": summary["best_value"],
             "test_accuracy": ev.get("accuracy"), "test_macro_f1": ev.get("macro_f1"),
             "test_knn_acc": ev.get("retrieval", {}).get("knn_acc")}
 
 
-def run_row(row: str, k: int, seed: int, data_dir: Path, max_steps: int | None = None) -> dict:
+def run_row(row: str, k: int, seed: int, data_dir: Path, max_steps: int | None = None,
+            checkpoint_by: str = "acc") -> dict:
+    """Train and test one row. ``checkpoint_by="loss"``: the variant that keeps the checkpoint of least validation
+    loss (run ``ROW_byloss``; row d then re-embeds with ``c_byloss``'s model)."""
     out = WORK / f"k{k}_draw{seed}"
     paths = draw(data_dir, k, seed, out)
     _, test = b77.prepare(data_dir, "", [], 42)
+    suffix = "" if checkpoint_by == "acc" else f"_by{checkpoint_by}"
     common = dict(run_root=out / "runs", val=paths["val"], test=test, bank=paths["labelled"])
     seed_set = [f"training.seed={seed}"] + ([f"training.max_steps={max_steps}"] if max_steps else [])
+    if suffix:
+        seed_set.append(f"checkpointing.save_best_by={checkpoint_by}")
     if row in ("a", "e"):
         sets = seed_set + [f"training.num_epochs={LABELLED_ONLY_EPOCHS}"]
         if row == "a":
             sets.append("training.metric_loss_weight=0")
-        return train_eval(row, train=paths["labelled"], sets=sets, **common)
+        return train_eval(row + suffix, train=paths["labelled"], sets=sets, **common)
     if row == "d":
-        model = out / "runs" / "c" / "best"
+        model = out / "runs" / f"c{suffix}" / "best"
         if not model.exists():
-            raise SystemExit(f"row d needs row c of k={k}, draw {seed} first")
-        pl_path, pl = out / "pseudo_round2.parquet", pseudo_label(paths["pl_input"], paths["gold"],
-                                                                   out / "pseudo_round2.parquet", model)
+            raise SystemExit(f"row d needs row c{suffix} of k={k}, draw {seed} first")
+        round2 = out / f"pseudo_round2{suffix}.parquet"
+        pl_path, pl = round2, pseudo_label(paths["pl_input"], paths["gold"], round2, model)
     else:
         pl_path, pl = out / "pseudo.parquet", pseudo_label(paths["pl_input"], paths["gold"], out / "pseudo.parquet")
     table, r = repeat_labelled(pd.read_parquet(pl_path), LABELLED_SHARE)
@@ -147,9 +154,9 @@ def run_row(row: str, k: int, seed: int, data_dir: Path, max_steps: int | None =
     if row == "b":
         table = table.assign(classifier_mask=1, metric_mask=0)
         sets.append("training.metric_loss_weight=0")
-    train = out / f"train_{row}.parquet"
+    train = out / f"train_{row}{suffix}.parquet"
     write_table(table, train)
-    result = train_eval(row, train=train, sets=sets, **common)
+    result = train_eval(row + suffix, train=train, sets=sets, **common)
     result.update(labelled_repeat=r, pseudo={key: pl[key] for key in ("pseudo_labelled", "unlabelled", "coverage",
                                                                        "true_precision")},
                   estimated_precision=pl["estimated_precision"]["precision"])
@@ -196,6 +203,7 @@ def render(results: dict) -> str:
              "(coverage) | est. precision | true precision | steps | train wall |",
              "| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     keys = sorted({tuple(key.split("/")[:2]) for key in results if not key.startswith("_")})
+    variants = sorted(key for key in results if "@" in key)
     for kk, dd in keys or [("k10", "draw0")]:
         for row, desc in ROWS.items():
             if row == "f":
@@ -231,6 +239,19 @@ def render(results: dict) -> str:
               "Published few-shot results on the same test set (CPFT authors' table, test accuracy):", "",
               "| model | 5-shot | 10-shot |", "| --- | ---: | ---: |"]
     lines += [f"| {m} | {a:.2f} | {b:.2f} |" for m, a, b in ANCHORS]
+    if variants:
+        lines += ["", "## Variant: the checkpoint of least validation loss", "",
+                  "`--checkpoint-by loss`: the same training, the checkpoint kept by validation loss instead of "
+                  "accuracy (a smooth score on the same 77 rows). Tested once each, like every row.", "",
+                  "| k | draw | row | by accuracy: step, test acc | by loss: step, test acc | loss - accuracy |",
+                  "| ---: | ---: | --- | ---: | ---: | ---: |"]
+        for key in variants:
+            v, base = results[key], results.get(key.split("@")[0])
+            kk, dd, row = key.split("@")[0].split("/")
+            was = f"{base['best_step']}, {pct(base['test_accuracy'])}" if base else "not run"
+            diff = f"{100 * (v['test_accuracy'] - base['test_accuracy']):+.2f}" if base else ""
+            lines.append(f"| {kk[1:]} | {dd[4:]} | {row} | {was} | {v['best_step']}, {pct(v['test_accuracy'])} "
+                         f"| {diff} |")
     lines += ["", "## Against the targets", ""]
     for kk, dd in keys:
         g = lambda row: (results.get(f"{kk}/{dd}/{row}") or {}).get("test_accuracy")  # noqa: E731
@@ -283,6 +304,9 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=None,
                    help="cap every row at this many optimizer steps (an equal compute budget; recorded in each row)")
     p.add_argument("--render-only", action="store_true", help="rewrite the Markdown from the JSON")
+    p.add_argument("--checkpoint-by", choices=["acc", "loss"], default="acc",
+                   help="acc: the recipe (best validation accuracy); loss: the variant keyed ROW@loss, "
+                        "checkpoint of least validation loss")
     args = p.parse_args()
     data_dir = Path(os.environ.get("BANKING77_DIR", b77.ROOT.parent / "shared" / "data" / "banking77"))
     results = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
@@ -298,12 +322,12 @@ def main() -> None:
     for k in [] if args.render_only else args.k:
         for seed in args.draws:
             for row in args.rows:
-                key = f"k{k}/draw{seed}/{row}"
+                key = f"k{k}/draw{seed}/{row}" + ("" if args.checkpoint_by == "acc" else f"@{args.checkpoint_by}")
                 if key in results and not args.force:
                     continue
                 # rows b, c and d (re)write pseudo-label tables; a and e leave the summary as it was
                 extra = {"_pseudo": pseudo_summaries()} if row in ("b", "c", "d") else None
-                results = save(run_row(row, k, seed, data_dir, args.max_steps), key, extra)
+                results = save(run_row(row, k, seed, data_dir, args.max_steps, args.checkpoint_by), key, extra)
     results = save(None, None, results)
     print((b77.RESULTS / "limited_labels.md").read_text())
 
