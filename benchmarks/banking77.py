@@ -182,8 +182,8 @@ NOTES = [
     "encoder's, `optimizer.head_learning_rate`) gave 92.22, adopted. The classifier was the bottleneck: with one "
     "lr, k-NN on the embedding beat the trained head, and validation accuracy was still rising at the last step.",
     "Each configuration was evaluated once on test.csv; `ce_supcon` is the `make demo` run itself (`--adopt`).",
-    "CE + SupCon against CE alone on full data, 2 and 2 seeds (the Seeds section): 93.20 against 93.64, CE "
-    "alone ahead by 0.44 points, on 2 of 2 seeds. The seed spread (std <= 0.09) is small next to the gap; the"
+    "CE + SupCon against CE alone on full data, 3 and 3 seeds (the Seeds section): 93.16 against 93.59, CE "
+    "alone ahead by 0.43 points, on 3 of 3 seeds. The seed spread (std <= 0.10) is small next to the gap; the"
     " test set is one sample of 3,080 rows (+-0.45 points per run), the same for both, so the gap says which "
     "recipe wins on this test set, not by how much on another. Said plainly: on full BANKING77, SupCon does "
     "not add accuracy to CE. Where SupCon pays is few labels: in `limited_labels.md`, pseudo-labelled rows in"
