@@ -183,13 +183,13 @@ NOTES = [
     "lr, k-NN on the embedding beat the trained head, and validation accuracy was still rising at the last step.",
     "Each configuration was evaluated once on test.csv; `ce_supcon` is the `make demo` run itself (`--adopt`).",
     "CE + SupCon against CE alone on full data, 3 and 3 seeds (the Seeds section): 93.16 against 93.59, CE "
-    "alone ahead by 0.43 points, on 3 of 3 seeds. The seed spread (std <= 0.10) is small next to the gap; the"
-    " test set is one sample of 3,080 rows (+-0.45 points per run), the same for both, so the gap says which "
+    "alone ahead by 0.43 points, on 3 of 3 seeds. The seed spread (std <= 0.10) is small next to the gap; the "
+    "test set is one sample of 3,080 rows (+-0.45 points per run), the same for both, so the gap says which "
     "recipe wins on this test set, not by how much on another. Said plainly: on full BANKING77, SupCon does "
-    "not add accuracy to CE. Where SupCon pays is few labels: in `limited_labels.md`, pseudo-labelled rows in"
-    " SupCon add 3.4 (round 1) and 4.3 (round 2) points at 5 labelled rows per class, and about nothing at "
-    "10. The 10-shot rows below give SupCon every row's gold label, an oracle (+5.4 points); no user has "
-    "those labels.",
+    "not add accuracy to CE. Where SupCon pays is few labels: in `limited_labels.md`, pseudo-labelled rows in "
+    "SupCon add 3.4 (round 1) and 4.3 (round 2) points at 5 labelled rows per class; at 10, about nothing in "
+    "round 1 and 1.1 to 1.3 in round 2. The 10-shot rows below give SupCon every row's gold label, an oracle "
+    "(+5.4 points); no user has those labels.",
     "The 10-shot pair ran with one lr for all parameters (before head_learning_rate existed); it was not re-run "
     "with the head lr for lack of CPU time, so its rows are comparable with each other but not with the full-data "
     "rows above them.",

@@ -16,7 +16,8 @@ The precision estimate needs no gold label: a stratified share of the labelled r
 and scored against its own labels. The final assignment uses every labelled row. With an embedding that never saw
 the labels (round 1) it is within a few points (fewer labelled rows vote; on BANKING77's three draws it was 7 and
 5 points low and 1 point high); with a model trained on the labelled rows (round 2, ``--model RUN/best``) it is
-optimistic (6 and 15 points high), and the summary says so. It assumes the labelled rows are a random draw of the data.
+optimistic (6 to 15 points high on three draws), and the summary says so. It assumes the labelled rows are a
+random draw of the data.
 
 Every function below the embedding is a pure function of arrays, so tests can call it on constructed
 embeddings.
