@@ -144,10 +144,10 @@ def build_training_data(frame: str | Path | pd.DataFrame, *, val_frame: str | Pa
         problems.append(f"{val_src if val_frame is not None else train_src}: checkpointing.save_best_by is "
                         f"{best_metric}, which needs labelled (classifier_mask = 1) validation rows, and the "
                         "validation split has none. Add labelled rows (two in a class, to split), give "
-                        "data.val_parquet_path, or set save_best_by to loss or knn_f1")
+                        "data.val_path, or set save_best_by to loss or knn_f1")
     if len(val) == 0:
         problems.append(f"{train_src}: the validation split is empty (every class is too small to split by "
-                        f"data.val_ratio = {val_ratio}); raise data.val_ratio or give data.val_parquet_path")
+                        f"data.val_ratio = {val_ratio}); raise data.val_ratio or give data.val_path")
     if pk is not None:
         p, k = pk
         if p * k > batch_size:
@@ -167,15 +167,15 @@ def build_training_data(frame: str | Path | pd.DataFrame, *, val_frame: str | Pa
 def load_training_data(cfg: Config, frame: pd.DataFrame | None = None, val_frame: pd.DataFrame | None = None
                        ) -> TrainingData:
     """Build the splits for ``cfg`` (a :class:`metric_ds.config.Config`), or for DataFrames given through the
-    Python API in place of ``data.parquet_path``/``data.val_parquet_path``. Writes nothing.
+    Python API in place of ``data.train_path``/``data.val_path``. Writes nothing.
 
     Raises:
         UserError: every problem of the data against the config, each with its file or key.
     """
     d, t = cfg.data, cfg.training
-    val_source = val_frame if val_frame is not None else d.val_parquet_path
+    val_source = val_frame if val_frame is not None else d.val_path
     return build_training_data(
-        frame if frame is not None else d.parquet_path, val_frame=val_source, val_ratio=d.val_ratio,
+        frame if frame is not None else d.train_path, val_frame=val_source, val_ratio=d.val_ratio,
         seed=t.seed, upsample=d.upsample, downsample=d.downsample, batch_size=t.batch_size,
         classification_loss_weight=t.classification_loss_weight, metric_loss_weight=t.metric_loss_weight,
         pk=(d.classes_per_batch, d.samples_per_class) if d.sampler == "pk" else None,
