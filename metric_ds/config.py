@@ -145,7 +145,7 @@ class TrainingConfig(_Section):
     max_seq_length: int = Field(
         128, gt=1, description="Truncation length in tokens; batches are padded dynamically to their longest text.")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
-        "no", description="Activation precision: no (fp32), fp16 (CUDA GPU only) or bf16.")
+        "no", description="Activation precision: no is fp32; fp16 needs a CUDA GPU.")
     attention_implementation: Literal["eager", "sdpa", "flash_attention_2"] = Field(
         "sdpa", description="The encoder's attention; flash_attention_2 needs a CUDA GPU, the flash-attn package "
                             "and fp16 or bf16.")
@@ -260,8 +260,8 @@ class NeptuneConfig(_Section):
     enabled: bool = Field(False, description="Log to Neptune, as if logging.backends named neptune.")
     project: str | None = Field(None, description="workspace/project on your (self-hosted) Neptune server.")
     mode: Literal["async", "offline", "debug"] = Field(
-        "offline", description="async (a server), offline (sync later with `neptune sync`) or debug (nothing "
-                               "stored).")
+        "offline", description="async: a server; offline: stored locally, `neptune sync` later; debug: nothing "
+                               "stored.")
     name: str | None = Field(None, description="The run's display name.")
     tags: list[str] = Field(default_factory=list, description="The run's tags.")
 
@@ -273,7 +273,7 @@ class LoggingConfig(_Section):
 
     backends: list[Literal["jsonl", "console", "tensorboard", "neptune"]] = Field(
         default_factory=lambda: ["jsonl", "console"],
-        description="jsonl (metrics.jsonl in the run folder), console, tensorboard, neptune.")
+        description="Where log records go; jsonl writes metrics.jsonl in the run folder.")
     progress: Literal["auto", "bar", "plain", "off"] = Field(
         "auto", description="Progress display; auto: a bar on a terminal, plain lines in a log file. "
                             "The METRIC_DS_PROGRESS environment variable overrides it.")
@@ -302,7 +302,7 @@ class DeepSpeedConfig(_Section):
 
     section: ClassVar[str] = "deepspeed"
 
-    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="ZeRO stage: 0 (off), 1, 2 or 3.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="ZeRO stage; 0 is plain data parallelism.")
     config: dict[str, Any] = Field(
         default_factory=dict, description="Raw DeepSpeed keys not covered above (keys we set ourselves are refused).")
 
