@@ -125,9 +125,9 @@ def test_renamed_keys_accept_their_old_name(old, new, recwarn):
 @pytest.mark.parametrize("old, new", sorted(RENAMED_KEYS.items()))
 def test_both_names_of_a_key_are_an_error(old, new):
     data = _with_key(new, _value(old))
-    node = data[old.partition(".")[0]]
-    node[old.rpartition(".")[2]] = node[new.rpartition(".")[2]]
-    with pytest.raises(UserError, match=f"give {new.rpartition('.')[2]} only \\({old.rpartition('.')[2]} is its old"):
+    node, old_name, new_name = data[old.partition(".")[0]], old.rpartition(".")[2], new.rpartition(".")[2]
+    node[old_name] = node[new_name]
+    with pytest.raises(UserError, match=f"give {new_name} only \\({old_name} is its old name\\)"):
         validate_config(data)
 
 

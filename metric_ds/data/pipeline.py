@@ -67,8 +67,8 @@ def _read_tables(frame: str | Path | pd.DataFrame, val_frame: str | Path | pd.Da
     """Read and validate the training table and the explicit validation table, if any.
 
     Returns:
-        ``(train frame, validation frame or None, train source, validation source)``; a source names the file (or
-        the DataFrame) in messages, and the validation source is the training one when there is no validation table.
+        ``(train frame, validation frame or None, train source, validation source)``; a source names the file
+        (or the DataFrame) in messages; without a validation table, the validation source is the training one.
 
     Raises:
         UserError: every problem of both tables at once.
