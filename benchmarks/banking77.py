@@ -119,7 +119,7 @@ def check_same_run(name: str, run_dir: Path, sets: list[str], train: Path, test:
 
     from metric_ds.config import load_config
 
-    ignore = {"run_name", "checkpointing.checkpoints_dir", "data.parquet_path"}  # where, not what
+    ignore = {"run_name", "checkpointing.checkpoints_dir", "data.train_path"}  # where, not what
 
     def flat(d: dict, prefix: str = "") -> dict:
         return {k2: v2 for k, v in d.items()
@@ -143,7 +143,7 @@ def run_config(name: str, data_dir: Path, epochs: int | None, seed: int, adopt: 
     prep, overrides, description = STUDY[name]
     train, test = prepare(data_dir, name, prep, seed)
     run_name = name if seed == DEFAULT_SEED else f"{name}_seed{seed}"
-    sets = [f"run_name={run_name}", f"checkpointing.checkpoints_dir={WORK}", f"data.parquet_path={train}",
+    sets = [f"run_name={run_name}", f"checkpointing.checkpoints_dir={WORK}", f"data.train_path={train}",
             f"training.seed={seed}", *overrides]
     if epochs is not None and not any(o.startswith("training.num_epochs") for o in overrides):
         sets.append(f"training.num_epochs={epochs}")

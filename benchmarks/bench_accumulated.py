@@ -51,7 +51,7 @@ def run_case(case: dict) -> None:
     encoder, tokenizer = load_encoder(None)
     torch.manual_seed(0)
     model = MetricClassifier(encoder, labels.num_classes)
-    cfg = validate_config({"data": {"parquet_path": "unused"},
+    cfg = validate_config({"data": {"train_path": "unused"},
                            "training": {"batch_size": micro, "gradient_accumulation_steps": accumulation}})
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=build_ds_config(cfg))
     loss_fn = JointLoss(num_classes=labels.num_classes)

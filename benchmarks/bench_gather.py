@@ -37,7 +37,7 @@ def main() -> None:
     D.init_process_group()
     encoder, _ = load_encoder(None)
     model = MetricClassifier(encoder, 77)
-    cfg = validate_config({"data": {"parquet_path": "unused"}, "training": {"batch_size": args.batch}})
+    cfg = validate_config({"data": {"train_path": "unused"}, "training": {"batch_size": args.batch}})
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=build_ds_config(cfg))
     loss_fn = JointLoss(1.0, 1.0, 0.1, "auto", "global")
     g = torch.Generator().manual_seed(D.rank())

@@ -106,7 +106,7 @@ def write_config(workdir: Path, name: str, model_dir: Path, table: Path, args: a
     cfg = {
         "run_name": name,
         "model_name": str(model_dir),
-        "data": {"parquet_path": str(table), "val_ratio": 0.05},
+        "data": {"train_path": str(table), "val_ratio": 0.05},
         "training": {"batch_size": args.batch, "num_epochs": 1, "max_steps": args.steps,
                      "max_seq_length": args.seq, "mixed_precision": args.precision, "supcon_impl": impl,
                      "log_every_n_steps": args.log_every, "seed": 0},

@@ -21,7 +21,7 @@ $py -m metric_ds prepare --input "$data_dir/train.csv" --output "$out/data/banki
 $py -m metric_ds prepare --input "$data_dir/test.csv" --output "$out/data/banking77_test.parquet" \
     --text-column text --label-column category
 $py -m metric_ds train --overwrite --config "$config" --set run_name=$run_name --set checkpointing.checkpoints_dir=$out \
-    --set data.parquet_path=$out/data/banking77_train.parquet
+    --set data.train_path=$out/data/banking77_train.parquet
 $py -m metric_ds evaluate --model "$out/$run_name/best" --data "$out/data/banking77_test.parquet" \
     --output "$out/$run_name/eval/test.json"
 $py -m metric_ds report "$out/$run_name"

@@ -108,8 +108,8 @@ def train_eval(name: str, run_root: Path, train: Path, val: Path, test: Path, ba
     """Train with the recipe plus ``sets``, then evaluate ``best/`` once on test (k-NN against the labelled
     training rows only)."""
     run_dir = run_root / name
-    all_sets = [f"run_name={name}", f"checkpointing.checkpoints_dir={run_root}", f"data.parquet_path={train}",
-                f"data.val_parquet_path={val}", *sets]
+    all_sets = [f"run_name={name}", f"checkpointing.checkpoints_dir={run_root}", f"data.train_path={train}",
+                f"data.val_path={val}", *sets]
     start = time.time()
     b77.run([b77.PY, "-m", "metric_ds", "train", "--overwrite", "--config", CONFIG, *sum((["--set", s] for s in all_sets), [])])
     wall = time.time() - start

@@ -105,7 +105,7 @@ class EmbeddingBank:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`: exactly when the shape is unchanged, else by re-adding the live rows.
 
-        A run resumed with another ``keep_last_n_emb_steps`` or batch size keeps the newest rows that fit
+        A run resumed with another ``train_bank_steps`` or batch size keeps the newest rows that fit
         and are young enough under the new setting.
 
         Raises:

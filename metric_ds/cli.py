@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="share of labelled rows hidden and pseudo-labelled to estimate the precision")
     sp.add_argument("--labelled-share", type=float, default=d.labelled_share,
                     help="repeat the labelled rows until they are about this share of the output (e.g. 0.5), so "
-                         "that every batch holds some; then give train a validation table (data.val_parquet_path)")
+                         "that every batch holds some; then give train a validation table (data.val_path)")
     sp.add_argument("--seed", type=int, default=d.seed)
     sp.add_argument("--summary", default=None, help="also write the summary to this JSON file")
     sp.add_argument("--batch-size", type=int, default=128, help="embedding batch size")

@@ -1,7 +1,8 @@
 """The config schema: every key, its type, default and constraints, validated in one place.
 
-A run is described by one YAML file (see ``configs/metric_classifier_training.example.yaml``, which documents
-every key). :func:`load_config` reads it, applies ``--set key.path=value`` overrides and validates it. Every
+A run is described by one YAML file. Every field carries its description; :mod:`metric_ds.config_docs` renders
+them into ``docs/configuration.md`` and ``configs/metric_classifier_training.example.yaml`` (every key with its
+default). :func:`load_config` reads it, applies ``--set key.path=value`` overrides and validates it. Every
 problem is reported at once, each with its full key path, e.g.
 ``training.supcon_temperature: must be > 0, got -0.1``; unknown keys get a "did you mean" suggestion.
 """
@@ -9,15 +10,31 @@ from __future__ import annotations
 
 import difflib
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from metric_ds.ds_config import OWNED_KEYS
 from metric_ds.errors import UserError, read_mapping
+
+
+# Keys renamed since they shipped: old dotted name -> new one. The old name is still accepted, with a
+# FutureWarning (a config that gives both names is an error); ``--set`` takes either name, and the resume check
+# reads a checkpoint's saved config through this table, so a run saved before a rename still resumes.
+RENAMED_KEYS: dict[str, str] = {
+    "checkpointing.save_every_n_bathces": "checkpointing.save_every_n_batches",
+    "data.parquet_path": "data.train_path",
+    "data.val_parquet_path": "data.val_path",
+    "metric_validation.keep_last_n_emb_steps": "metric_validation.train_bank_steps",
+}
+
+
+def current_key(path: str) -> str:
+    """The current name of the dotted key ``path``: itself, unless it is an old name in :data:`RENAMED_KEYS`."""
+    return RENAMED_KEYS.get(path, path)
 
 
 def _is_number_type(annotation: Any) -> bool:
@@ -37,6 +54,26 @@ def _is_text_type(annotation: Any) -> bool:
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    section: ClassVar[str] = ""  # this section's key in the config ("" for the top level)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        """Accept a key of :data:`RENAMED_KEYS` under its old name, with a FutureWarning."""
+        if not isinstance(data, dict):
+            return data
+        for old_path, new_path in RENAMED_KEYS.items():
+            section, _, old = old_path.rpartition(".")
+            if section != cls.section or old not in data:
+                continue
+            new = new_path.rpartition(".")[2]
+            data = dict(data)
+            value = data.pop(old)
+            if new in data:
+                raise ValueError(f"give {new} only ({old} is its old name)")
+            warnings.warn(f"{old_path} is deprecated: rename it to {new}", FutureWarning, stacklevel=2)
+            data[new] = value
+        return data
 
     @field_validator("*", mode="before")
     @classmethod
@@ -49,23 +86,43 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """The encoder's heads."""
 
-    pooling: Literal["mean", "cls", "pooler"] = Field("mean", description="How token states become a sentence vector h.")
-    projection_dim: int | None = Field(None, gt=0, description="Optional SupCon projection head Linear(h) -> dim.")
-    classifier_dropout: float = Field(0.1, ge=0, lt=1, description="Dropout before the classifier Linear(h).")
+    section: ClassVar[str] = "model"
+
+    pooling: Literal["mean", "cls", "pooler"] = Field(
+        "mean", description="How token states become the sentence vector h: the mean over tokens, the first token's "
+                            "state, or the model's pooler output.")
+    projection_dim: int | None = Field(
+        None, gt=0, description="Size of the SupCon projection head: SupCon uses normalize(Linear(h)) of this size; "
+                                "null: normalize(h).")
+    classifier_dropout: float = Field(0.1, ge=0, lt=1,
+                                      description="Dropout on h before the classifier Linear(h) -> C logits.")
 
 
 class DataConfig(_Section):
     """Where the data is and how it is split, balanced and batched."""
 
-    parquet_path: str = Field(..., description="Training table: .parquet, .csv or .jsonl.")
-    val_parquet_path: str | None = Field(None, description="Explicit validation table; replaces val_ratio.")
-    val_ratio: float = Field(0.1, gt=0, lt=1, description="Stratified share of the table kept for validation.")
+    section: ClassVar[str] = "data"
+
+    train_path: str = Field(
+        ..., examples=["data/train.parquet"],
+        description="Training table (.parquet, .csv or .jsonl) in metric_ds format: columns text, label, metric_mask, "
+                    "classifier_mask (make one with `metric-ds prepare`).")
+    val_path: str | None = Field(
+        None, description="Explicit validation table, in the same format; when set, val_ratio is not used.")
+    val_ratio: float = Field(0.1, gt=0, lt=1,
+                             description="Stratified share of the training table held out for validation.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
-    upsample: int | None = Field(None, gt=0, description="Sample train classes with replacement up to N rows.")
-    downsample: int | None = Field(None, gt=0, description="Sample train classes without replacement down to N.")
-    sampler: Literal["random", "pk"] = Field("random", description="random batches, or P classes x K samples.")
+    upsample: int | None = Field(
+        None, gt=0, description="Train classes with fewer than N rows are sampled with replacement up to N; "
+                                "null: off.")
+    downsample: int | None = Field(
+        None, gt=0, description="Train classes with more than N rows are sampled without replacement down to N; "
+                                "null: off.")
+    sampler: Literal["random", "pk"] = Field(
+        "random", description="random batches, or pk: P classes x K samples per batch, so that every SupCon anchor "
+                              "has positives.")
     classes_per_batch: int | None = Field(None, gt=0, description="pk sampler: classes per batch (P).")
-    samples_per_class: int | None = Field(None, ge=2, description="pk sampler: rows per class (K >= 2).")
+    samples_per_class: int | None = Field(None, ge=2, description="pk sampler: rows per class (K).")
 
     @model_validator(mode="after")
     def _check_pk(self) -> DataConfig:
@@ -79,27 +136,43 @@ class DataConfig(_Section):
 class TrainingConfig(_Section):
     """The optimisation loop and the joint loss."""
 
+    section: ClassVar[str] = "training"
+
     batch_size: int = Field(32, gt=0, description="Micro-batch size per process.")
-    num_epochs: int = Field(3, gt=0)
-    gradient_accumulation_steps: int = Field(1, gt=0)
-    max_seq_length: int = Field(128, gt=1, description="Truncation length; batches are padded dynamically.")
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    attention_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
-    gradient_clip_val: float = Field(1.0, ge=0, description="Global grad-norm clip; 0 disables.")
-    seed: int = 42
-    resume_from: str | None = Field(None, description="A checkpoint folder, a run folder, or 'latest'.")
-    supcon_temperature: float = Field(0.07, gt=0)
-    classification_loss_weight: float = Field(1.0, ge=0)
-    metric_loss_weight: float = Field(1.0, ge=0)
-    supcon_impl: Literal["auto", "fused", "reference"] = "auto"
-    supcon_scope: Literal["global", "local"] = Field("global", description="SupCon negatives from all ranks or own.")
+    num_epochs: int = Field(3, gt=0, description="Passes over the training split.")
+    gradient_accumulation_steps: int = Field(
+        1, gt=0, description="Micro-batches per optimizer step (contrastive_batch says which rows SupCon compares).")
+    max_seq_length: int = Field(
+        128, gt=1, description="Truncation length in tokens; batches are padded dynamically to their longest text.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        "no", description="Activation precision: no is fp32; fp16 needs a CUDA GPU.")
+    attention_implementation: Literal["eager", "sdpa", "flash_attention_2"] = Field(
+        "sdpa", description="The encoder's attention; flash_attention_2 needs a CUDA GPU, the flash-attn package "
+                            "and fp16 or bf16.")
+    gradient_clip_val: float = Field(1.0, ge=0, description="Global gradient-norm clip; 0 disables it.")
+    seed: int = Field(42, description="Seed of the run's randomness: the split, the balancing draw, the batch order "
+                                      "and the new heads' initial weights.")
+    resume_from: str | None = Field(
+        None, description="Resume a run: latest, a run folder, or a checkpoints/step-N folder; null: start afresh.")
+    supcon_temperature: float = Field(0.07, gt=0, description="SupCon temperature tau.")
+    classification_loss_weight: float = Field(
+        1.0, ge=0, description="Weight of the cross-entropy term (rows with classifier_mask = 1).")
+    metric_loss_weight: float = Field(1.0, ge=0,
+                                      description="Weight of the SupCon term (rows with metric_mask = 1).")
+    supcon_impl: Literal["auto", "fused", "reference"] = Field(
+        "auto", description="auto: the fused op when it is built, else the reference with a warning; fused: the op "
+                            "or an error saying why not; reference: plain PyTorch.")
+    supcon_scope: Literal["global", "local"] = Field(
+        "global", description="global: SupCon negatives from every rank (the gradients of a single process); "
+                              "local: each rank's own rows only.")
     contrastive_batch: Literal["micro", "accumulated"] = Field(
-        "micro", description="The SupCon (and CE) batch: each (global) micro-batch on its own, or every row of the "
-                             "gradient_accumulation_steps micro-batches of an optimizer step (gradient caching: a "
-                             "second forward per micro-batch, the memory of one).")
-    max_steps: int | None = Field(None, gt=0, description="Cap on optimizer steps (smoke runs).")
-    log_every_n_steps: int = Field(10, gt=0)
-    eval_every_n_steps: int | None = Field(None, gt=0, description="Also validate every N steps (always at epoch end).")
+        "micro", description="The SupCon (and CE) batch: each (globally gathered) micro-batch on its own, or every "
+                             "row of the gradient_accumulation_steps micro-batches of an optimizer step (gradient "
+                             "caching: a second forward per micro-batch, the activations of one in memory).")
+    max_steps: int | None = Field(None, gt=0, description="Cap on optimizer steps (smoke runs); null: no cap.")
+    log_every_n_steps: int = Field(10, gt=0, description="A log record every N optimizer steps.")
+    eval_every_n_steps: int | None = Field(
+        None, gt=0, description="Also validate every N optimizer steps; validation always runs at each epoch end.")
 
     @model_validator(mode="after")
     def _check_weights(self) -> TrainingConfig:
@@ -109,67 +182,67 @@ class TrainingConfig(_Section):
 
 
 class OptimizerConfig(_Section):
-    """AdamW."""
+    """AdamW (no weight decay on biases and LayerNorm weights)."""
 
-    learning_rate: float = Field(5e-5, gt=0)
+    section: ClassVar[str] = "optimizer"
+
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate of the encoder.")
     head_learning_rate: float | None = Field(
-        None, gt=0, description="Peak lr of the new heads (classifier, projection); null: learning_rate."
-    )
-    weight_decay: float = Field(0.01, ge=0)
+        None, gt=0, description="Peak learning rate of the new, randomly initialised heads (classifier, projection); "
+                                "null: learning_rate.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
 
 
 class SchedulerConfig(_Section):
-    """A ``transformers.get_scheduler`` schedule."""
+    """The learning-rate schedule, a ``transformers.get_scheduler`` schedule."""
+
+    section: ClassVar[str] = "scheduler"
 
     name: Literal[
         "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
-    ] = "linear"
-    warmup_steps: int = Field(0, ge=0)
-    num_training_steps: int | None = Field(None, gt=0, description="null: computed from data, epochs, max_steps.")
-    num_cycles: float = Field(0.5, gt=0, description="cosine: half-waves; cosine_with_restarts: restarts.")
+    ] = Field("linear", description="The schedule's shape (transformers.get_scheduler's name).")
+    warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear warm-up.")
+    num_training_steps: int | None = Field(
+        None, gt=0, description="The schedule's length in optimizer steps; null: computed from the data, "
+                                "training.num_epochs and training.max_steps.")
+    num_cycles: float = Field(
+        0.5, gt=0, description="cosine: number of half-waves; cosine_with_restarts: number of restarts.")
 
 
 class CheckpointingConfig(_Section):
     """Where runs go and what is kept."""
 
-    checkpoints_dir: str = "runs"
-    save_every_n_batches: int | None = Field(
-        None, gt=0, description="Periodic checkpoint every N optimizer steps (not micro-batches: the name is kept "
-                                "for existing configs).")
-    keep_last_n_checkpoints: int = Field(2, gt=0)
-    overwrite: bool = Field(False, description="Delete a run already in the run folder and start afresh "
-                                               "(otherwise a non-empty run folder is refused unless resumed).")
-    save_best_by: Literal["loss", "acc", "f1", "knn_acc", "knn_f1"] = Field(
-        "f1", description="The validation metric that picks best/: knn_* (k-NN against the bank) for metric-only runs."
-    )
+    section: ClassVar[str] = "checkpointing"
 
-    @model_validator(mode="before")
-    @classmethod
-    def _old_spelling(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "save_every_n_bathces" in data:
-            data = dict(data)
-            value = data.pop("save_every_n_bathces")
-            if "save_every_n_batches" in data:
-                raise ValueError("give save_every_n_batches only (save_every_n_bathces is its old spelling)")
-            warnings.warn(
-                "checkpointing.save_every_n_bathces is deprecated: rename it to save_every_n_batches",
-                FutureWarning,
-                stacklevel=2,
-            )
-            data["save_every_n_batches"] = value
-        return data
+    checkpoints_dir: str = Field("runs", description="Runs go to checkpoints_dir/run_name.")
+    save_every_n_batches: int | None = Field(
+        None, gt=0, description="A periodic resumable checkpoint every N optimizer steps (not micro-batches: the "
+                                "name is kept for existing configs); null: none.")
+    keep_last_n_checkpoints: int = Field(2, gt=0, description="Periodic checkpoints kept; older ones are deleted.")
+    overwrite: bool = Field(False, description="Delete a run already in the run folder and start afresh "
+                                               "(otherwise a non-empty run folder is refused unless resumed); "
+                                               "also `metric-ds train --overwrite`.")
+    save_best_by: Literal["loss", "acc", "f1", "knn_acc", "knn_f1"] = Field(
+        "f1", description="The validation metric that picks best/, the exported model: loss (lower is better), acc, "
+                          "f1, or knn_acc / knn_f1 (k-NN against the bank) for metric-only runs.")
 
 
 class MetricValidationConfig(_Section):
-    """Retrieval metrics against the bank of recent train embeddings."""
+    """Retrieval metrics: validation metric rows queried against a bank of recent train embeddings."""
 
-    recall_at_k: list[int] = Field(default_factory=lambda: [1, 5, 10])
-    distance: Literal["cos", "l2"] = "cos"
-    knn_k: int = Field(10, gt=0)
-    keep_last_n_emb_steps: int = Field(50, ge=0, description="Bank holds metric rows of the last N optimizer steps.")
+    section: ClassVar[str] = "metric_validation"
+
+    recall_at_k: list[int] = Field(default_factory=lambda: [1, 5, 10],
+                                   description="The k of each Recall@k reported (val/recall@k).")
+    distance: Literal["cos", "l2"] = Field(
+        "cos", description="cos: on the normalised SupCon embedding z; l2: on the raw pooled embedding h.")
+    knn_k: int = Field(10, gt=0, description="k-NN vote size for val/knn_acc and val/knn_f1.")
+    train_bank_steps: int = Field(
+        50, ge=0, description="The bank of recent TRAIN embeddings holds the metric rows of the last N optimizer "
+                              "steps; 0 turns it off, and the retrieval metrics with it.")
     eval_batch_size: int | None = Field(
-        None, gt=0, description="Rows per validation forward (no gradients, so larger); null: 4 x training.batch_size."
-    )
+        None, gt=0, description="Rows per validation forward (no gradients, length-sorted, so it can be larger); "
+                                "null: 4 x training.batch_size.")
 
     @field_validator("recall_at_k")
     @classmethod
@@ -182,29 +255,56 @@ class MetricValidationConfig(_Section):
 class NeptuneConfig(_Section):
     """Neptune tracking. The API token comes only from the NEPTUNE_API_TOKEN environment variable."""
 
-    enabled: bool = False
-    project: str | None = None
-    mode: Literal["async", "offline", "debug"] = "offline"
-    name: str | None = None
-    tags: list[str] = Field(default_factory=list)
+    section: ClassVar[str] = "neptune"
+
+    enabled: bool = Field(False, description="Log to Neptune, as if logging.backends named neptune.")
+    project: str | None = Field(None, description="workspace/project on your (self-hosted) Neptune server.")
+    mode: Literal["async", "offline", "debug"] = Field(
+        "offline", description="async: a server; offline: stored locally, `neptune sync` later; debug: nothing "
+                               "stored.")
+    name: str | None = Field(None, description="The run's display name.")
+    tags: list[str] = Field(default_factory=list, description="The run's tags.")
 
 
 class LoggingConfig(_Section):
     """Where metrics go (only rank 0 logs)."""
 
+    section: ClassVar[str] = "logging"
+
     backends: list[Literal["jsonl", "console", "tensorboard", "neptune"]] = Field(
-        default_factory=lambda: ["jsonl", "console"]
-    )
+        default_factory=lambda: ["jsonl", "console"],
+        description="Where log records go; jsonl writes metrics.jsonl in the run folder.")
     progress: Literal["auto", "bar", "plain", "off"] = Field(
-        "auto", description="Progress bar; auto: a bar on a terminal, plain lines in a file. Env METRIC_DS_PROGRESS wins."
-    )
+        "auto", description="Progress display; auto: a bar on a terminal, plain lines in a log file. "
+                            "The METRIC_DS_PROGRESS environment variable overrides it.")
+
+
+# The DeepSpeed keys our config decides: (DeepSpeed key path, our key that sets it, its value, or None where
+# DeepSpeed derives it or we pass an object instead). The one table of them: ``ds_config.build_ds_config`` writes
+# these, and :class:`DeepSpeedConfig` refuses them in the passthrough ``deepspeed.config``.
+DEEPSPEED_OWNED: tuple[tuple[str, str, Callable[[Config], Any] | None], ...] = (
+    ("train_micro_batch_size_per_gpu", "training.batch_size", lambda c: c.training.batch_size),
+    ("train_batch_size", "training.batch_size and training.gradient_accumulation_steps", None),
+    ("gradient_accumulation_steps", "training.gradient_accumulation_steps",
+     lambda c: c.training.gradient_accumulation_steps),
+    ("gradient_clipping", "training.gradient_clip_val", lambda c: c.training.gradient_clip_val),
+    ("fp16", "training.mixed_precision", lambda c: {"enabled": c.training.mixed_precision == "fp16"}),
+    ("bf16", "training.mixed_precision", lambda c: {"enabled": c.training.mixed_precision == "bf16"}),
+    ("optimizer", "optimizer.*", None),  # our fused torch AdamW is passed to deepspeed.initialize
+    ("scheduler", "scheduler.*", None),  # our transformers scheduler is passed to deepspeed.initialize
+    ("zero_optimization.stage", "deepspeed.zero_stage", lambda c: c.deepspeed.zero_stage),
+)
+OWNED_KEYS: dict[str, str] = {path: ours for path, ours, _ in DEEPSPEED_OWNED}
 
 
 class DeepSpeedConfig(_Section):
     """DeepSpeed engine settings; ``config`` passes raw DeepSpeed keys through."""
 
-    zero_stage: Literal[0, 1, 2, 3] = 0
-    config: dict[str, Any] = Field(default_factory=dict, description="Raw DeepSpeed keys not covered above.")
+    section: ClassVar[str] = "deepspeed"
+
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="ZeRO stage; 0 is plain data parallelism.")
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="Raw DeepSpeed keys not covered above (keys we set ourselves are refused).")
 
     @field_validator("config")
     @classmethod
@@ -222,7 +322,10 @@ class DeepSpeedConfig(_Section):
 class Config(_Section):
     """A whole run."""
 
-    run_name: str = Field("run", pattern=r"^[A-Za-z0-9._-]+$", description="Run folder name under checkpoints_dir.")
+    run_name: str = Field(
+        "run", pattern=r"^[A-Za-z0-9._-]+$",
+        description="Run folder name: the run goes to checkpointing.checkpoints_dir/run_name (letters, digits, "
+                    "'.', '_', '-').")
 
     @field_validator("run_name")
     @classmethod
@@ -231,17 +334,21 @@ class Config(_Section):
             raise ValueError(f"{name!r} would put the run outside checkpoints_dir; give a plain folder name")
         return name
 
-    model_name: str | None = Field(None, description="HF model folder or hub name; null is the bundled MiniLM.")
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
-    checkpointing: CheckpointingConfig = Field(default_factory=CheckpointingConfig)
-    metric_validation: MetricValidationConfig = Field(default_factory=MetricValidationConfig)
-    neptune: NeptuneConfig = Field(default_factory=NeptuneConfig)
-    logging: LoggingConfig = Field(default_factory=LoggingConfig)
-    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    model_name: str | None = Field(
+        None, description="Hugging Face model folder, or a hub name already in the local cache (metric_ds never "
+                          "downloads); null: the bundled all-MiniLM-L6-v2.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description=ModelConfig.__doc__)
+    data: DataConfig = Field(description=DataConfig.__doc__)
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description=TrainingConfig.__doc__)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description=OptimizerConfig.__doc__)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description=SchedulerConfig.__doc__)
+    checkpointing: CheckpointingConfig = Field(default_factory=CheckpointingConfig,
+                                               description=CheckpointingConfig.__doc__)
+    metric_validation: MetricValidationConfig = Field(default_factory=MetricValidationConfig,
+                                                      description=MetricValidationConfig.__doc__)
+    neptune: NeptuneConfig = Field(default_factory=NeptuneConfig, description=NeptuneConfig.__doc__)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description=LoggingConfig.__doc__)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description=DeepSpeedConfig.__doc__)
 
     @property
     def run_dir(self) -> Path:
@@ -258,9 +365,9 @@ class Config(_Section):
     @model_validator(mode="after")
     def _check_best_metric(self) -> Config:
         key = self.checkpointing.save_best_by
-        if key.startswith("knn_") and self.metric_validation.keep_last_n_emb_steps == 0:
+        if key.startswith("knn_") and self.metric_validation.train_bank_steps == 0:
             raise ValueError(f"checkpointing.save_best_by: {key!r} is computed against the embedding bank, which "
-                             "metric_validation.keep_last_n_emb_steps = 0 turns off; raise it or pick loss/acc/f1")
+                             "metric_validation.train_bank_steps = 0 turns off; raise it or pick loss/acc/f1")
         if key in ("acc", "f1") and self.training.classification_loss_weight == 0:
             raise ValueError(f"checkpointing.save_best_by: {key!r} scores a classifier that "
                              "training.classification_loss_weight = 0 never trains; pick knn_f1, knn_acc or loss")
@@ -354,14 +461,30 @@ def _annotation_at(parts: list[str]) -> Any:
     return annotation
 
 
+def _current_parts(parts: list[str]) -> list[str]:
+    """``parts`` of a ``--set`` key under its current name (an old name of :data:`RENAMED_KEYS` warns)."""
+    path = ".".join(parts)
+    if path not in RENAMED_KEYS:
+        return parts
+    warnings.warn(f"--set {path}: {path} is deprecated: use {RENAMED_KEYS[path]}", FutureWarning, stacklevel=3)
+    return RENAMED_KEYS[path].split(".")
+
+
+def _old_names_of(path: str) -> list[str]:
+    """The old names (last part only) that :data:`RENAMED_KEYS` maps to the dotted key ``path``."""
+    return [old.rpartition(".")[2] for old, new in RENAMED_KEYS.items() if new == path]
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``--set`` overrides to raw config data (before validation, so they are validated too).
 
     A value is read as YAML, except for text keys (``run_name``, paths, choices), which take the text as typed:
     ``--set run_name=2024`` is the name "2024", and ``--set training.mixed_precision=no`` is "no", not false.
+    A key's old name (:data:`RENAMED_KEYS`) is accepted with a warning; either name replaces the file's value.
     """
     for item in overrides:
         parts, value = parse_override(item)
+        parts = _current_parts(parts)
         if _is_text_type(_annotation_at(parts)):
             raw = item.partition("=")[2].strip()
             value = raw if raw not in ("", "null", "~") else None
@@ -373,6 +496,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(nxt, dict):
                 raise UserError(f"--set {item!r}: {part} is not a section")
             node = nxt
+        for old_name in _old_names_of(".".join(parts)):
+            node.pop(old_name, None)  # the override replaces the file's value under its old name too
         node[parts[-1]] = value
     return data
 

@@ -4,11 +4,27 @@ sequence length against the model's position limit, and a writable run folder.
 """
 from __future__ import annotations
 
+import torch
+
 from metric_ds.config import Config
-from metric_ds.ds_config import check_precision
 from metric_ds.errors import UserError
-from metric_ds.model import resolve_model_name
+from metric_ds.model import check_attention, resolve_model_name
 from metric_ds.run_folder import rerun_problem, writable_problem
+
+
+def check_precision(cfg: Config) -> None:
+    """Refuse what this machine cannot run: fp16 without a GPU (DeepSpeed refuses it on CPU), and
+    ``flash_attention_2`` without a GPU, its package, or fp16/bf16 (:func:`metric_ds.model.check_attention`).
+
+    Raises:
+        UserError: naming ``training.mixed_precision`` or ``training.attention_implementation`` and the fix.
+    """
+    if cfg.training.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UserError(
+            "training.mixed_precision: fp16 needs a CUDA GPU and none is available here; "
+            "use bf16 (slow on CPUs without native bf16) or no"
+        )
+    check_attention(cfg.training.attention_implementation, cfg.training.mixed_precision)
 
 
 def position_limit(model_path: str) -> int | None:

@@ -17,13 +17,14 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+from metric_ds.config import current_key
 from metric_ds.errors import UserError
 
 SAFE_KEYS = (
     "run_name", "checkpointing.checkpoints_dir", "checkpointing.save_every_n_batches",
     "checkpointing.keep_last_n_checkpoints", "checkpointing.overwrite", "training.resume_from",
-    "training.log_every_n_steps", "training.eval_every_n_steps", "data.num_workers", "data.parquet_path",
-    "data.val_parquet_path", "logging.", "neptune.", "metric_validation.recall_at_k", "metric_validation.knn_k",
+    "training.log_every_n_steps", "training.eval_every_n_steps", "data.num_workers", "data.train_path",
+    "data.val_path", "logging.", "neptune.", "metric_validation.recall_at_k", "metric_validation.knn_k",
     "metric_validation.distance", "metric_validation.eval_batch_size",
 )
 LENGTH_KEYS = ("training.num_epochs", "training.max_steps")
@@ -64,7 +65,9 @@ def check_resume(saved_config: dict[str, Any] | None, saved_fingerprint: str | N
         warnings.warn(f"{checkpoint} records no config (an older metric_ds wrote it): changes to the config since "
                       "then are not checked", stacklevel=2)
         return
-    old, new = flatten(saved_config), flatten(config)
+    # A checkpoint saved before a key was renamed (config.RENAMED_KEYS) holds it under its old name.
+    old = {current_key(k): v for k, v in flatten(saved_config).items()}
+    new = flatten(config)
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not _safe(k))
     problems = []
     length = [k for k in changed if k in LENGTH_KEYS]

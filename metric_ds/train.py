@@ -178,12 +178,12 @@ def _isolated_rng(device: torch.device):
 def _build_bank(cfg: Config, model: MetricClassifier, device: torch.device) -> EmbeddingBank | None:
     """Every rank's bank takes the metric rows of all ranks, so the banks are identical."""
     mv, t = cfg.metric_validation, cfg.training
-    if mv.keep_last_n_emb_steps <= 0:
+    if mv.train_bank_steps <= 0:
         return None
     rows_per_step = t.batch_size * t.gradient_accumulation_steps * D.world_size()
     h_dim = model.classifier.in_features
-    return EmbeddingBank(capacity=mv.keep_last_n_emb_steps * rows_per_step, z_dim=cfg.model.projection_dim or h_dim,
-                         h_dim=h_dim, keep_last_n_steps=mv.keep_last_n_emb_steps, device=device)
+    return EmbeddingBank(capacity=mv.train_bank_steps * rows_per_step, z_dim=cfg.model.projection_dim or h_dim,
+                         h_dim=h_dim, keep_last_n_steps=mv.train_bank_steps, device=device)
 
 
 class Trainer:
@@ -560,7 +560,7 @@ class Trainer:
                 export_model(state_dict, self.engine.module, self.tokenizer, folder, extra_files={
                     "labels.json": self.label_map.to_json(),
                     "metrics.json": {"step": self.state.global_step, **record},
-                    "training_data.json": {"train": str(Path(self.cfg.data.parquet_path).resolve())},
+                    "training_data.json": {"train": str(Path(self.cfg.data.train_path).resolve())},
                 }, max_seq_length=self.cfg.training.max_seq_length)
                 save_config(self.cfg, folder / "metric_ds_config.yaml")
 

@@ -72,7 +72,7 @@ def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
     table = root / "train.parquet"
     make_frame(96).to_parquet(table)
     cfg = validate_config({
-        "run_name": "tiny", "model_name": str(tiny_model_dir), "data": {"parquet_path": str(table)},
+        "run_name": "tiny", "model_name": str(tiny_model_dir), "data": {"train_path": str(table)},
         "training": {"batch_size": 8, "num_epochs": 1, "max_steps": 3, "max_seq_length": 16,
                      "supcon_impl": "reference", "log_every_n_steps": 1},
         "model": {"projection_dim": 16},

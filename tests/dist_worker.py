@@ -62,7 +62,7 @@ def main() -> None:
     encoder = AutoModel.from_pretrained(args.model, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     model = MetricClassifier(encoder, num_classes=3, classifier_dropout=0.0)
     cfg = validate_config({
-        "data": {"parquet_path": "unused"},
+        "data": {"train_path": "unused"},
         "training": {"batch_size": max(sizes) if w > 1 else n, "gradient_clip_val": 0.0,
                      "supcon_impl": args.impl, "supcon_scope": args.scope},
         "optimizer": {"learning_rate": 1e-3, "weight_decay": 0.0},

@@ -39,7 +39,7 @@ def _masked_table(tmp_path: Path) -> Path:
 def test_four_micro_batches_of_8_equal_one_batch_of_32(tmp_path, no_dropout_model_dir, stage):
     table = _masked_table(tmp_path)
     common = dict(model__classifier_dropout=0.0, training__num_epochs=1, deepspeed__zero_stage=stage,
-                  metric_validation__keep_last_n_emb_steps=2, scheduler__name="constant")
+                  metric_validation__train_bank_steps=2, scheduler__name="constant")
     big, big_summary = run(tmp_path / "big", no_dropout_model_dir, table, training__batch_size=32, **common)
     acc, acc_summary = run(tmp_path / "acc", no_dropout_model_dir, table, training__batch_size=8,
                            training__gradient_accumulation_steps=4, training__contrastive_batch="accumulated",

@@ -22,7 +22,7 @@ BIN = Path(sys.executable).parent
 def _config(root: Path, model_dir: Path, table: Path, batch_size: int) -> Path:
     path = root / "cfg.yaml"
     path.write_text(yaml.safe_dump({
-        "run_name": "acc", "model_name": str(model_dir), "data": {"parquet_path": str(table), "val_ratio": 0.25},
+        "run_name": "acc", "model_name": str(model_dir), "data": {"train_path": str(table), "val_ratio": 0.25},
         "model": {"classifier_dropout": 0.0},
         "training": {"batch_size": batch_size, "gradient_accumulation_steps": 2, "contrastive_batch": "accumulated",
                      "num_epochs": 1, "max_steps": 3, "max_seq_length": 16, "log_every_n_steps": 1, "seed": 3},

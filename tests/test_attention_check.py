@@ -10,9 +10,9 @@ from conftest import make_frame
 
 from metric_ds.cli import main
 from metric_ds.config import validate_config
-from metric_ds.ds_config import check_precision
 from metric_ds.errors import UserError
 from metric_ds.model import check_attention
+from metric_ds.preflight import check_precision
 
 FP32 = "runs only in fp16 or bf16, but training.mixed_precision is 'no'"
 NO_GPU = "needs a CUDA GPU and none is visible"
@@ -61,7 +61,7 @@ def test_other_implementations_need_nothing(machine, attn):
 
 def test_check_precision_includes_the_attention_check(machine):
     machine(True, True)
-    cfg = validate_config({"data": {"parquet_path": "unused"},
+    cfg = validate_config({"data": {"train_path": "unused"},
                            "training": {"attention_implementation": "flash_attention_2", "mixed_precision": "no"}})
     with pytest.raises(UserError, match="training.mixed_precision is 'no'"):
         check_precision(cfg)
@@ -72,7 +72,7 @@ def test_validate_refuses_flash_attention_in_fp32(tmp_path, capsys, machine):
     table = tmp_path / "t.parquet"
     make_frame(40).to_parquet(table)
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({"data": {"parquet_path": str(table)},
+    cfg.write_text(yaml.safe_dump({"data": {"train_path": str(table)},
                                    "training": {"attention_implementation": "flash_attention_2"}}))
     assert main(["validate", "--config", str(cfg)]) == 1
     err = capsys.readouterr().err

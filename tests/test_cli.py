@@ -34,7 +34,7 @@ def write_cfg(tmp_path: Path, data: dict) -> Path:
 
 
 def test_config_errors_exit_1_without_traceback(tmp_path, capsys):
-    cfg = write_cfg(tmp_path, {"data": {"parquet_path": "x.parquet", "val_ratio": 2},
+    cfg = write_cfg(tmp_path, {"data": {"train_path": "x.parquet", "val_ratio": 2},
                                "training": {"supcon_temperature": -0.1, "batch_sise": 3}})
     assert main(["validate", "--config", str(cfg)]) == 1
     err = capsys.readouterr().err
@@ -52,7 +52,7 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_data_errors_name_file_and_exit_1(tmp_path, capsys):
     path = tmp_path / "t.csv"
     pd.DataFrame({"text": ["a", "b"], "category": [1, 2]}).to_csv(path, index=False)
-    cfg = write_cfg(tmp_path, {"data": {"parquet_path": str(path)}})
+    cfg = write_cfg(tmp_path, {"data": {"train_path": str(path)}})
     assert main(["validate", "--config", str(cfg)]) == 1
     err = capsys.readouterr().err
     assert f"error: {path}: missing column(s) label, metric_mask, classifier_mask" in err
@@ -65,7 +65,7 @@ def test_fp16_on_cpu_is_a_user_error(tmp_path, capsys):
         pytest.skip("a GPU is present")
     table = tmp_path / "t.parquet"
     make_frame(40).to_parquet(table)
-    cfg = write_cfg(tmp_path, {"data": {"parquet_path": str(table)}, "training": {"mixed_precision": "fp16"}})
+    cfg = write_cfg(tmp_path, {"data": {"train_path": str(table)}, "training": {"mixed_precision": "fp16"}})
     assert main(["validate", "--config", str(cfg)]) == 1
     assert "fp16 needs a CUDA GPU" in capsys.readouterr().err
 
@@ -73,7 +73,7 @@ def test_fp16_on_cpu_is_a_user_error(tmp_path, capsys):
 def test_unknown_model_name_is_a_user_error(tmp_path, capsys):
     table = tmp_path / "t.parquet"
     make_frame(40).to_parquet(table)
-    cfg = write_cfg(tmp_path, {"data": {"parquet_path": str(table)}, "model_name": "nobody/nothing-here"})
+    cfg = write_cfg(tmp_path, {"data": {"train_path": str(table)}, "model_name": "nobody/nothing-here"})
     assert main(["validate", "--config", str(cfg)]) == 1
     err = capsys.readouterr().err
     assert "neither a local directory nor a model in the local Hugging Face cache" in err
@@ -83,7 +83,7 @@ def test_unknown_model_name_is_a_user_error(tmp_path, capsys):
 def test_validate_prints_a_summary(tmp_path, capsys):
     table = tmp_path / "t.parquet"
     make_frame(80).to_parquet(table)
-    cfg = write_cfg(tmp_path, {"data": {"parquet_path": str(table)}, "training": {"batch_size": 16}})
+    cfg = write_cfg(tmp_path, {"data": {"train_path": str(table)}, "training": {"batch_size": 16}})
     assert main(["validate", "--config", str(cfg)]) == 0
     out = capsys.readouterr().out
     assert "rows: 71 train, 9 validation; 4 classes" in out  # per-class rounding of 10%: 2+2+3+2
@@ -96,7 +96,7 @@ def test_prepare_and_validate_banking77(tmp_path, capsys):
     assert main(["prepare", "--input", str(BANKING77 / "train.csv"), "--output", str(out), "--text-column", "text",
                  "--label-column", "category", "--classifier-per-class", "10"]) == 0
     assert "rows=10003, classes=77, classifier_rows=770, metric_rows=10003" in capsys.readouterr().out
-    cfg = write_cfg(tmp_path, {"data": {"parquet_path": str(out)}, "training": {"batch_size": 64}})
+    cfg = write_cfg(tmp_path, {"data": {"train_path": str(out)}, "training": {"batch_size": 64}})
     assert main(["validate", "--config", str(cfg)]) == 0
     assert "77 classes" in capsys.readouterr().out
 
@@ -121,7 +121,7 @@ def test_train_evaluate_report_end_to_end(tmp_path, tiny_model_dir):
     make_frame(40, seed=9).to_csv(test_table, index=False)
     cfg = write_cfg(tmp_path, {
         "run_name": "e2e", "model_name": str(tiny_model_dir),
-        "data": {"parquet_path": str(table)},
+        "data": {"train_path": str(table)},
         "training": {"batch_size": 8, "num_epochs": 1, "max_seq_length": 16, "log_every_n_steps": 2},
         "checkpointing": {"checkpoints_dir": str(tmp_path / "runs"), "save_every_n_batches": 5},
         "logging": {"backends": ["jsonl", "console", "tensorboard"]},

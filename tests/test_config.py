@@ -1,20 +1,22 @@
 """The config schema: defaults, constraints with full key paths, unknown keys, overrides, shipped YAMLs."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 import yaml
 
-from metric_ds.config import Config, load_config, validate_config
+from metric_ds.config import RENAMED_KEYS, Config, apply_overrides, load_config, validate_config
 from metric_ds.ds_config import build_ds_config
 from metric_ds.errors import UserError
+from metric_ds.resume_check import check_resume
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 
 
 def minimal(**sections) -> dict:
-    data = {"data": {"parquet_path": "train.parquet"}}
+    data = {"data": {"train_path": "train.parquet"}}
     for key, value in sections.items():
         data[key] = value
     return data
@@ -84,7 +86,7 @@ def test_unknown_key_suggests():
 
 
 def test_missing_required():
-    with pytest.raises(UserError, match="data.parquet_path: is required"):
+    with pytest.raises(UserError, match="data.train_path: is required"):
         validate_config({"data": {}})
 
 
@@ -92,6 +94,64 @@ def test_old_spelling_is_an_alias(recwarn):
     cfg = validate_config(minimal(checkpointing={"save_every_n_bathces": 7}))
     assert cfg.checkpointing.save_every_n_batches == 7
     assert any("save_every_n_bathces is deprecated" in str(w.message) for w in recwarn.list)
+
+
+def _value(old: str):
+    return old.rpartition("_")[0] + ".csv" if old.startswith("data.") else 7
+
+
+def _with_key(path: str, value) -> dict:
+    data = minimal()
+    section, _, key = path.rpartition(".")
+    node = data.setdefault(section, {}) if section else data
+    node[key] = value
+    return data
+
+
+@pytest.mark.parametrize("old, new", sorted(RENAMED_KEYS.items()))
+def test_renamed_keys_accept_their_old_name(old, new, recwarn):
+    """A renamed key still loads under its old name, with a FutureWarning that names the new one."""
+    data = _with_key(old, _value(old))
+    if old == "data.parquet_path":
+        del data["data"]["train_path"]
+    value = validate_config(data).to_dict()
+    for part in new.split("."):
+        value = value[part]
+    assert value == _value(old)
+    messages = [str(w.message) for w in recwarn.list if w.category is FutureWarning]
+    assert any(f"{old} is deprecated: rename it to {new.rpartition('.')[2]}" in m for m in messages)
+
+
+@pytest.mark.parametrize("old, new", sorted(RENAMED_KEYS.items()))
+def test_both_names_of_a_key_are_an_error(old, new):
+    data = _with_key(new, _value(old))
+    node, old_name, new_name = data[old.partition(".")[0]], old.rpartition(".")[2], new.rpartition(".")[2]
+    node[old_name] = node[new_name]
+    with pytest.raises(UserError, match=f"give {new_name} only \\({old_name} is its old name\\)"):
+        validate_config(data)
+
+
+def test_set_takes_the_old_name_and_replaces_either(recwarn):
+    data = apply_overrides({"data": {"parquet_path": "old.parquet"}}, ["data.train_path=new.parquet"])
+    assert validate_config(data).data.train_path == "new.parquet"
+    data = apply_overrides(minimal(), ["data.parquet_path=2024", "metric_validation.keep_last_n_emb_steps=3"])
+    cfg = validate_config(data)
+    assert cfg.data.train_path == "2024" and cfg.metric_validation.train_bank_steps == 3  # a path stays text
+    assert any("--set data.parquet_path: data.parquet_path is deprecated: use data.train_path" in str(w.message)
+               for w in recwarn.list)
+
+
+def test_resume_reads_a_checkpoint_saved_under_the_old_names():
+    """A run saved before the renames resumes: its saved config names the keys the old way."""
+    new = validate_config(minimal()).to_dict()
+    old = copy.deepcopy(new)
+    old["data"]["parquet_path"] = old["data"].pop("train_path")
+    old["data"]["val_parquet_path"] = old["data"].pop("val_path")
+    old["metric_validation"]["keep_last_n_emb_steps"] = old["metric_validation"].pop("train_bank_steps")
+    check_resume(old, "f", new, "f", "ckpt")
+    old["metric_validation"]["keep_last_n_emb_steps"] = 7
+    with pytest.raises(UserError, match="metric_validation.train_bank_steps: 7 in the checkpoint, 50 now"):
+        check_resume(old, "f", new, "f", "ckpt")
 
 
 def test_pk_needs_sizes_and_both_weights_zero():
@@ -106,7 +166,7 @@ def test_best_metric_must_be_computable():
     """knn_* needs the bank; acc/f1 need a trained classifier. Cross-section errors name the key path."""
     with pytest.raises(UserError) as info:
         validate_config(minimal(checkpointing={"save_best_by": "knn_f1"},
-                                metric_validation={"keep_last_n_emb_steps": 0}))
+                                metric_validation={"train_bank_steps": 0}))
     assert info.value.messages[0].startswith("config: checkpointing.save_best_by: 'knn_f1' is computed against")
     with pytest.raises(UserError, match="checkpointing.save_best_by: 'f1' scores a classifier"):
         validate_config(minimal(training={"classification_loss_weight": 0}))

@@ -12,7 +12,7 @@ from metric_ds.errors import UserError
 
 
 def _cfg(path, data=None, **training):
-    return validate_config({"data": {"parquet_path": str(path), "val_ratio": 0.25, **(data or {})},
+    return validate_config({"data": {"train_path": str(path), "val_ratio": 0.25, **(data or {})},
                             "training": {"batch_size": 8, **training}})
 
 
@@ -86,7 +86,7 @@ def test_file_problems_from_train_and_validation_files_together(tmp_path):
     train.loc[2, "text"] = " "
     val = make_frame(10).drop(columns="metric_mask")
     tp, vp = _write(train, tmp_path / "train.parquet"), _write(val, tmp_path / "val.csv")
-    cfg = _cfg(tp, data={"val_parquet_path": str(vp)})
+    cfg = _cfg(tp, data={"val_path": str(vp)})
     with pytest.raises(UserError) as info:
         load_training_data(cfg)
     msgs = info.value.messages
@@ -97,7 +97,7 @@ def test_file_problems_from_train_and_validation_files_together(tmp_path):
 def test_missing_validation_file(tmp_path):
     tp = _write(make_frame(20), tmp_path / "train.parquet")
     with pytest.raises(UserError, match="nope.csv: file not found"):
-        load_training_data(_cfg(tp, data={"val_parquet_path": str(tmp_path / "nope.csv")}))
+        load_training_data(_cfg(tp, data={"val_path": str(tmp_path / "nope.csv")}))
 
 
 def test_validation_file_with_unseen_labels_and_a_type_hint(tmp_path):
@@ -107,7 +107,7 @@ def test_validation_file_with_unseen_labels_and_a_type_hint(tmp_path):
     val["label"] = ["0", "1", "2", "0", "1", "7"]
     tp, vp = _write(train, tmp_path / "train.parquet"), _write(val, tmp_path / "val.jsonl")
     with pytest.raises(UserError) as info:
-        load_training_data(_cfg(tp, data={"val_parquet_path": str(vp)}))
+        load_training_data(_cfg(tp, data={"val_path": str(vp)}))
     (msg,) = info.value.messages
     assert msg.startswith(f"{vp}: validation labels not in the training data ({tp}): 0, 1, 2, 7")
     assert "the known labels are ints" in msg
@@ -117,7 +117,7 @@ def test_validation_file_used_as_is_and_balance_only_on_train(tmp_path):
     train = make_frame(60, num_classes=3, seed=1)
     val = make_frame(9, num_classes=3, seed=2)
     tp, vp = _write(train, tmp_path / "train.csv"), _write(val, tmp_path / "val.parquet")
-    data = load_training_data(_cfg(tp, data={"val_parquet_path": str(vp), "upsample": 25, "downsample": 25}))
+    data = load_training_data(_cfg(tp, data={"val_path": str(vp), "upsample": 25, "downsample": 25}))
     assert data.train["label_id"].value_counts().tolist() == [25, 25, 25]
     assert data.val["text"].tolist() == val["text"].tolist()
 
@@ -136,7 +136,7 @@ def test_dataframe_api_and_warnings_collected():
 def test_validation_split_empty(tmp_path):
     df = make_frame(8, num_classes=8)  # at most a couple of rows per class: nothing to split at 0.1
     with pytest.raises(UserError, match="the validation split is empty .* raise data.val_ratio or give "
-                                        "data.val_parquet_path"):
+                                        "data.val_path"):
         load_training_data(_cfg("x.parquet", data={"val_ratio": 0.1}, batch_size=1), frame=df)
 
 

@@ -129,7 +129,7 @@ def test_banking77_prepare_then_validate(tmp_path):
     raw = read_table(BANKING77 / "train.csv")
     got = pd.read_parquet(out)
     assert got["text"].tolist() == raw["text"].tolist()  # nothing stripped or re-ordered
-    cfg = validate_config({"data": {"parquet_path": str(out), "val_ratio": 0.1}, "training": {"batch_size": 32}})
+    cfg = validate_config({"data": {"train_path": str(out), "val_ratio": 0.1}, "training": {"batch_size": 32}})
     data = load_training_data(cfg)
     assert data.label_map.num_classes == 77 and abs(len(data.val) - 1000) < 40
     text = format_summary(summarize(data, cfg))

@@ -72,7 +72,7 @@ def test_summarize_frame_counts():
 
 
 def test_summarize_for_a_config():
-    cfg = validate_config({"data": {"parquet_path": "x.parquet", "sampler": "pk", "classes_per_batch": 2,
+    cfg = validate_config({"data": {"train_path": "x.parquet", "sampler": "pk", "classes_per_batch": 2,
                                     "samples_per_class": 2}, "training": {"batch_size": 8}})
     data = load_training_data(cfg, frame=make_frame(60))
     s = summarize(data, cfg)

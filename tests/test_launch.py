@@ -32,7 +32,7 @@ def config(tmp_path, tiny_model_dir) -> Path:
     make_frame(96).to_parquet(table)
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump({
-        "run_name": "launch", "model_name": str(tiny_model_dir), "data": {"parquet_path": str(table)},
+        "run_name": "launch", "model_name": str(tiny_model_dir), "data": {"train_path": str(table)},
         "training": {"batch_size": 8, "num_epochs": 1, "max_steps": 3, "eval_every_n_steps": 3,
                      "max_seq_length": 16, "log_every_n_steps": 1},
         "checkpointing": {"checkpoints_dir": str(tmp_path / "runs"), "save_every_n_batches": 3},

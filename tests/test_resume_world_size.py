@@ -26,7 +26,7 @@ BIN = Path(sys.executable).parent
 
 
 def _config(root: Path, model_dir: Path, table: Path, stage: int) -> dict:
-    return {"run_name": "x", "model_name": str(model_dir), "data": {"parquet_path": str(table)},
+    return {"run_name": "x", "model_name": str(model_dir), "data": {"train_path": str(table)},
             "training": {"batch_size": 4, "num_epochs": 1, "max_steps": 6, "max_seq_length": 16,
                          "log_every_n_steps": 1, "seed": 3},
             "optimizer": {"learning_rate": 1e-3},

@@ -19,12 +19,12 @@ def make_cfg(tmp_path: Path, model_dir: Path, table: Path, **over) -> dict:
     data = {
         "run_name": "t",
         "model_name": str(model_dir),
-        "data": {"parquet_path": str(table), "val_ratio": 0.25},
+        "data": {"train_path": str(table), "val_ratio": 0.25},
         "training": {"batch_size": 8, "num_epochs": 2, "max_seq_length": 16, "log_every_n_steps": 1,
                      "supcon_impl": "reference", "seed": 3},
         "optimizer": {"learning_rate": 1e-3},
         "checkpointing": {"checkpoints_dir": str(tmp_path / "runs"), "save_best_by": "loss"},
-        "metric_validation": {"recall_at_k": [1, 3], "knn_k": 3, "keep_last_n_emb_steps": 3},
+        "metric_validation": {"recall_at_k": [1, 3], "knn_k": 3, "train_bank_steps": 3},
     }
     for key, value in over.items():
         node = data
@@ -124,7 +124,7 @@ def test_gradient_clipping_bounds_the_update(tmp_path, tiny_model_dir, tiny_tabl
     """AdamW's first moment after one step is (1 - beta1) * the clipped gradient."""
     clip = 1e-3
     trainer, _ = run(tmp_path, tiny_model_dir, tiny_table, training__gradient_clip_val=clip,
-                     training__max_steps=1, metric_validation__keep_last_n_emb_steps=0)
+                     training__max_steps=1, metric_validation__train_bank_steps=0)
     opt = trainer.engine.optimizer
     sq = sum(float(s["exp_avg"].float().pow(2).sum()) for s in opt.state.values())
     assert (sq ** 0.5) / 0.1 <= clip * 1.001

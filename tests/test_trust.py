@@ -106,7 +106,7 @@ def test_rerunning_a_run_name_is_refused_and_overwrite_starts_afresh(tmp_path, t
 
 def test_resume_and_overwrite_together_are_refused():
     with pytest.raises(UserError, match="contradict"):
-        validate_config({"data": {"parquet_path": "x"}, "training": {"resume_from": "latest"},
+        validate_config({"data": {"train_path": "x"}, "training": {"resume_from": "latest"},
                          "checkpointing": {"overwrite": True}})
 
 
@@ -320,7 +320,7 @@ def test_resume_keeps_one_history_and_a_finished_run_its_summary(tmp_path, tiny_
 def test_run_name_cannot_leave_checkpoints_dir():
     for name in ("..", ".", "a/b"):
         with pytest.raises(UserError, match="run_name"):
-            validate_config({"data": {"parquet_path": "x"}, "run_name": name})
+            validate_config({"data": {"train_path": "x"}, "run_name": name})
 
 
 @pytest.mark.parametrize("item, key, expected", [
@@ -330,7 +330,7 @@ def test_run_name_cannot_leave_checkpoints_dir():
     ("metric_validation.recall_at_k=[1, 5]", "metric_validation.recall_at_k", [1, 5]),
 ])
 def test_set_values_follow_the_schema_type(item, key, expected):
-    cfg = validate_config(apply_overrides({"data": {"parquet_path": "x"}}, [item]))
+    cfg = validate_config(apply_overrides({"data": {"train_path": "x"}}, [item]))
     value = cfg
     for part in key.split("."):
         value = getattr(value, part)
@@ -340,7 +340,7 @@ def test_set_values_follow_the_schema_type(item, key, expected):
 @pytest.mark.parametrize("item", ["training.batch_size=true", "training.supcon_temperature=yes"])
 def test_a_bool_is_not_a_number(item):
     with pytest.raises(UserError, match="expected a number, got true"):
-        validate_config(apply_overrides({"data": {"parquet_path": "x"}}, [item]))
+        validate_config(apply_overrides({"data": {"train_path": "x"}}, [item]))
 
 
 # ------------------------------------------------------------------------------------- 11. evaluate inputs

@@ -31,8 +31,8 @@ def table_format(path: str | Path) -> str:
 def check_file(path: Path) -> None:
     """Raise a :class:`UserError` unless ``path`` is an existing, non-empty file."""
     if not path.exists():
-        raise UserError(f"{path.resolve()}: file not found; check the path (data.parquet_path, "
-                        "data.val_parquet_path or --input)")
+        raise UserError(f"{path.resolve()}: file not found; check the path (data.train_path, "
+                        "data.val_path or --input)")
     if path.is_dir():
         raise UserError(f"{path.resolve()}: is a folder, not a table file")
     if path.stat().st_size == 0:

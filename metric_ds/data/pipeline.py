@@ -62,6 +62,96 @@ def _load(obj: str | Path | pd.DataFrame, source: str, problems: list[str], warn
         return None
 
 
+def _read_tables(frame: str | Path | pd.DataFrame, val_frame: str | Path | pd.DataFrame | None,
+                 warnings: list[str]) -> tuple[pd.DataFrame, pd.DataFrame | None, str, str]:
+    """Read and validate the training table and the explicit validation table, if any.
+
+    Returns:
+        ``(train frame, validation frame or None, train source, validation source)``; a source names the file
+        (or the DataFrame) in messages; without a validation table, the validation source is the training one.
+
+    Raises:
+        UserError: every problem of both tables at once.
+    """
+    problems: list[str] = []
+    train_src = str(frame) if not isinstance(frame, pd.DataFrame) else "DataFrame"
+    df = _load(frame, train_src, problems, warnings)
+    val, val_src = None, train_src
+    if val_frame is not None:
+        val_src = str(val_frame) if not isinstance(val_frame, pd.DataFrame) else "validation DataFrame"
+        val = _load(val_frame, val_src, problems, warnings)
+    if df is None or (val_frame is not None and val is None):
+        raise UserError(problems)
+    return df, val, train_src, val_src
+
+
+def _split_off_validation(df: pd.DataFrame, val_ratio: float, seed: int, best_metric: str | None, train_src: str,
+                          warnings: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The stratified ``val_ratio`` split of ``df``, keeping labelled validation rows where ``best_metric`` needs
+    them. Returns ``(train, val)``, each with a fresh index."""
+    # Strata are (label, classifier_mask, metric_mask): with 10 hand-labelled rows per class, about 1 goes to
+    # validation and 9 stay in train, whatever the other rows do.
+    strata = (df["label_id"].to_numpy() * 4 + df["classifier_mask"].to_numpy().astype(np.int64) * 2
+              + df["metric_mask"].to_numpy().astype(np.int64))
+    train_idx, val_idx = stratified_split(strata, val_ratio, seed, warnings, unit="(label, masks) group(s)")
+    labelled_train = train_idx[df["classifier_mask"].to_numpy()[train_idx] == 1]
+    if best_metric in ("acc", "f1") and len(val_idx) and len(labelled_train) and \
+            not (df["classifier_mask"].to_numpy()[val_idx] == 1).any():
+        # Few labelled rows per class round to none in validation: move one labelled row from each of
+        # some classes, so that save_best_by can be computed.
+        moved = labelled_train[labelled_rows_for_validation(df["label_id"].to_numpy()[labelled_train],
+                                                            val_ratio, seed)]
+        if len(moved):
+            train_idx, val_idx = np.setdiff1d(train_idx, moved), np.union1d(val_idx, moved)
+            warn(f"{train_src}: the split by data.val_ratio = {val_ratio} left no labelled "
+                 f"(classifier_mask = 1) row in validation; {len(moved)} labelled row(s), one per class, moved "
+                 f"there so that val/{best_metric} can pick best/", warnings)
+    return df.iloc[train_idx].reset_index(drop=True), df.iloc[val_idx].reset_index(drop=True)
+
+
+def _check_splits(train: pd.DataFrame, val: pd.DataFrame, train_src: str, val_src: str, *, val_ratio: float,
+                  batch_size: int, classification_loss_weight: float, metric_loss_weight: float,
+                  best_metric: str | None) -> list[str]:
+    """The problems of the final splits against the loss weights, the batch size and ``save_best_by``."""
+    problems = []
+    if classification_loss_weight > 0 and not (train["classifier_mask"] == 1).any():
+        problems.append(f"{train_src}: training.classification_loss_weight is {classification_loss_weight} but "
+                        "no training row has classifier_mask = 1; set some rows, or set the weight to 0")
+    if metric_loss_weight > 0 and not (train["metric_mask"] == 1).any():
+        problems.append(f"{train_src}: training.metric_loss_weight is {metric_loss_weight} but no training row "
+                        "has metric_mask = 1; set some rows, or set the weight to 0")
+    if len(train) < batch_size:
+        problems.append(f"{train_src}: the training split has {len(train)} rows, fewer than one batch "
+                        f"(training.batch_size = {batch_size}); lower the batch size or add data")
+    if best_metric in ("acc", "f1") and len(val) and not (val["classifier_mask"] == 1).any() and \
+            (train["classifier_mask"] == 1).any():
+        problems.append(f"{val_src}: checkpointing.save_best_by is "
+                        f"{best_metric}, which needs labelled (classifier_mask = 1) validation rows, and the "
+                        "validation split has none. Add labelled rows (two in a class, to split), give "
+                        "data.val_path, or set save_best_by to loss or knn_f1")
+    if len(val) == 0:
+        problems.append(f"{train_src}: the validation split is empty (every class is too small to split by "
+                        f"data.val_ratio = {val_ratio}); raise data.val_ratio or give data.val_path")
+    return problems
+
+
+def _check_pk(train: pd.DataFrame, pk: tuple[int, int], batch_size: int, metric_loss_weight: float, train_src: str,
+              warnings: list[str]) -> list[str]:
+    """The problems of the pk sampler's ``(classes_per_batch, samples_per_class)`` against the training split."""
+    p, k = pk
+    problems = []
+    if p * k > batch_size:
+        problems.append(f"data.classes_per_batch x data.samples_per_class = {p} x {k} = {p * k} exceeds "
+                        f"training.batch_size = {batch_size}; lower them or raise the batch size")
+    metric = train[train["metric_mask"] == 1]
+    counts = metric["label_id"].value_counts()
+    usable = int((counts >= 2).sum())
+    if metric_loss_weight > 0 and 0 < usable < p:
+        warn(f"{train_src}: only {usable} class(es) have >= 2 metric rows in the training split, fewer than "
+             f"data.classes_per_batch = {p}; pk batches will repeat classes", warnings)
+    return problems
+
+
 def build_training_data(frame: str | Path | pd.DataFrame, *, val_frame: str | Path | pd.DataFrame | None = None,
                         val_ratio: float = 0.1, seed: int = 0, upsample: int | None = None,
                         downsample: int | None = None, batch_size: int = 1,
@@ -83,23 +173,15 @@ def build_training_data(frame: str | Path | pd.DataFrame, *, val_frame: str | Pa
     Raises:
         UserError: every problem at once, each with its file or config key.
     """
-    problems: list[str] = []
     warnings: list[str] = []
-    train_src = str(frame) if not isinstance(frame, pd.DataFrame) else "DataFrame"
-    df = _load(frame, train_src, problems, warnings)
-    val = None
-    if val_frame is not None:
-        val_src = str(val_frame) if not isinstance(val_frame, pd.DataFrame) else "validation DataFrame"
-        val = _load(val_frame, val_src, problems, warnings)
-    if df is None or (val_frame is not None and val is None):
-        raise UserError(problems)
+    df, val, train_src, val_src = _read_tables(frame, val_frame, warnings)
 
     label_map = LabelMap.from_labels(df["label"])
     if label_map.num_classes < 2:
         raise UserError(f"{train_src}: the label column holds one class ({label_map.names[0]!r}): the classifier "
                         "and SupCon need at least two. Check the label column")
     df["label_id"] = label_map.encode(df["label"])
-    needs_labelled_val = best_metric in ("acc", "f1")
+    problems: list[str] = []
     if val is not None:
         unseen = unseen_labels(val["label"], label_map,
                                f"{val_src}: validation labels not in the training data ({train_src})")
@@ -109,56 +191,15 @@ def build_training_data(frame: str | Path | pd.DataFrame, *, val_frame: str | Pa
             val["label_id"] = label_map.encode(val["label"])
         train = df
     else:
-        # Strata are (label, classifier_mask, metric_mask): with 10 hand-labelled rows per class, about 1 goes to
-        # validation and 9 stay in train, whatever the other rows do.
-        strata = (df["label_id"].to_numpy() * 4 + df["classifier_mask"].to_numpy().astype(np.int64) * 2
-                  + df["metric_mask"].to_numpy().astype(np.int64))
-        train_idx, val_idx = stratified_split(strata, val_ratio, seed, warnings, unit="(label, masks) group(s)")
-        labelled_train = train_idx[df["classifier_mask"].to_numpy()[train_idx] == 1]
-        if needs_labelled_val and len(val_idx) and len(labelled_train) and \
-                not (df["classifier_mask"].to_numpy()[val_idx] == 1).any():
-            # Few labelled rows per class round to none in validation: move one labelled row from each of
-            # some classes, so that save_best_by can be computed.
-            moved = labelled_train[labelled_rows_for_validation(df["label_id"].to_numpy()[labelled_train],
-                                                                val_ratio, seed)]
-            if len(moved):
-                train_idx, val_idx = np.setdiff1d(train_idx, moved), np.union1d(val_idx, moved)
-                warn(f"{train_src}: the split by data.val_ratio = {val_ratio} left no labelled "
-                     f"(classifier_mask = 1) row in validation; {len(moved)} labelled row(s), one per class, moved "
-                     f"there so that val/{best_metric} can pick best/", warnings)
-        train, val = df.iloc[train_idx].reset_index(drop=True), df.iloc[val_idx].reset_index(drop=True)
+        train, val = _split_off_validation(df, val_ratio, seed, best_metric, train_src, warnings)
     keep = balance_indices(train["label_id"].to_numpy(), upsample, downsample, seed)
     train = train.iloc[keep].reset_index(drop=True)
 
-    if classification_loss_weight > 0 and not (train["classifier_mask"] == 1).any():
-        problems.append(f"{train_src}: training.classification_loss_weight is {classification_loss_weight} but "
-                        "no training row has classifier_mask = 1; set some rows, or set the weight to 0")
-    if metric_loss_weight > 0 and not (train["metric_mask"] == 1).any():
-        problems.append(f"{train_src}: training.metric_loss_weight is {metric_loss_weight} but no training row "
-                        "has metric_mask = 1; set some rows, or set the weight to 0")
-    if len(train) < batch_size:
-        problems.append(f"{train_src}: the training split has {len(train)} rows, fewer than one batch "
-                        f"(training.batch_size = {batch_size}); lower the batch size or add data")
-    if needs_labelled_val and len(val) and not (val["classifier_mask"] == 1).any() and \
-            (train["classifier_mask"] == 1).any():
-        problems.append(f"{val_src if val_frame is not None else train_src}: checkpointing.save_best_by is "
-                        f"{best_metric}, which needs labelled (classifier_mask = 1) validation rows, and the "
-                        "validation split has none. Add labelled rows (two in a class, to split), give "
-                        "data.val_parquet_path, or set save_best_by to loss or knn_f1")
-    if len(val) == 0:
-        problems.append(f"{train_src}: the validation split is empty (every class is too small to split by "
-                        f"data.val_ratio = {val_ratio}); raise data.val_ratio or give data.val_parquet_path")
+    problems += _check_splits(train, val, train_src, val_src, val_ratio=val_ratio, batch_size=batch_size,
+                              classification_loss_weight=classification_loss_weight,
+                              metric_loss_weight=metric_loss_weight, best_metric=best_metric)
     if pk is not None:
-        p, k = pk
-        if p * k > batch_size:
-            problems.append(f"data.classes_per_batch x data.samples_per_class = {p} x {k} = {p * k} exceeds "
-                            f"training.batch_size = {batch_size}; lower them or raise the batch size")
-        metric = train[train["metric_mask"] == 1]
-        counts = metric["label_id"].value_counts()
-        usable = int((counts >= 2).sum())
-        if metric_loss_weight > 0 and 0 < usable < p:
-            warn(f"{train_src}: only {usable} class(es) have >= 2 metric rows in the training split, fewer than "
-                 f"data.classes_per_batch = {p}; pk batches will repeat classes", warnings)
+        problems += _check_pk(train, pk, batch_size, metric_loss_weight, train_src, warnings)
     if problems:
         raise UserError(problems)
     return TrainingData(train=train, val=val, label_map=label_map, warnings=warnings)
@@ -167,15 +208,15 @@ def build_training_data(frame: str | Path | pd.DataFrame, *, val_frame: str | Pa
 def load_training_data(cfg: Config, frame: pd.DataFrame | None = None, val_frame: pd.DataFrame | None = None
                        ) -> TrainingData:
     """Build the splits for ``cfg`` (a :class:`metric_ds.config.Config`), or for DataFrames given through the
-    Python API in place of ``data.parquet_path``/``data.val_parquet_path``. Writes nothing.
+    Python API in place of ``data.train_path``/``data.val_path``. Writes nothing.
 
     Raises:
         UserError: every problem of the data against the config, each with its file or key.
     """
     d, t = cfg.data, cfg.training
-    val_source = val_frame if val_frame is not None else d.val_parquet_path
+    val_source = val_frame if val_frame is not None else d.val_path
     return build_training_data(
-        frame if frame is not None else d.parquet_path, val_frame=val_source, val_ratio=d.val_ratio,
+        frame if frame is not None else d.train_path, val_frame=val_source, val_ratio=d.val_ratio,
         seed=t.seed, upsample=d.upsample, downsample=d.downsample, batch_size=t.batch_size,
         classification_loss_weight=t.classification_loss_weight, metric_loss_weight=t.metric_loss_weight,
         pk=(d.classes_per_batch, d.samples_per_class) if d.sampler == "pk" else None,
