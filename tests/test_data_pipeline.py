@@ -148,3 +148,43 @@ def test_pk_settings_checked_against_the_batch(tmp_path):
     cfg = _cfg("x.parquet", data={"sampler": "pk", "classes_per_batch": 8, "samples_per_class": 2}, batch_size=16)
     data = load_training_data(cfg, frame=make_frame(80, num_classes=4))
     assert any("only 4 class(es) have >= 2 metric rows" in w for w in data.warnings)
+
+
+def test_loss_weight_without_rows(tmp_path):
+    df = make_frame(40)
+    df["classifier_mask"] = 0
+    path = tmp_path / "t.parquet"
+    df.to_parquet(path)
+    with pytest.raises(UserError, match="training.classification_loss_weight is 1.0 but no training row has "
+                                        "classifier_mask = 1"):
+        load_training_data(_cfg(path))
+    df["classifier_mask"], df["metric_mask"] = 1, 0
+    df.to_parquet(path)
+    with pytest.raises(UserError, match="training.metric_loss_weight is 1.0 but no training row has metric_mask"):
+        load_training_data(_cfg(path))
+    assert load_training_data(_cfg(path, metric_loss_weight=0)).train["metric_mask"].sum() == 0
+
+
+def test_dataset_smaller_than_one_batch(tmp_path):
+    path = tmp_path / "t.parquet"
+    make_frame(12).to_parquet(path)
+    with pytest.raises(UserError, match=r"fewer than one batch \(training.batch_size = 32\)"):
+        load_training_data(_cfg(path, batch_size=32))
+
+
+def test_validation_file_with_unseen_labels(tmp_path):
+    train, val = tmp_path / "train.parquet", tmp_path / "val.csv"
+    make_frame(40, num_classes=3).to_parquet(train)
+    v = make_frame(10, num_classes=3)
+    v.loc[[0, 1], "label"] = ["class_9", "class_7"]
+    v.to_csv(val, index=False)
+    cfg = validate_config({"data": {"parquet_path": str(train), "val_parquet_path": str(val)},
+                           "training": {"batch_size": 8}})
+    with pytest.raises(UserError, match="val.csv: validation labels not in the training data .*: class_7, class_9"):
+        load_training_data(cfg)
+
+
+def test_dataframe_api(tmp_path):
+    cfg = _cfg("unused.parquet")
+    data = load_training_data(cfg, frame=make_frame(40))
+    assert len(data.train) + len(data.val) == 40

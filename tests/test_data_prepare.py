@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import BANKING77
+from conftest import BANKING77, make_frame
 
 from metric_ds.config import validate_config
 from metric_ds.data.io import read_table
@@ -134,3 +134,40 @@ def test_banking77_prepare_then_validate(tmp_path):
     assert data.label_map.num_classes == 77 and abs(len(data.val) - 1000) < 40
     text = format_summary(summarize(data, cfg))
     assert "77 classes" in text and "batch size 32" in text
+
+
+def test_prepare_masks_and_determinism(tmp_path):
+    src = tmp_path / "in.csv"
+    df = make_frame(90, num_classes=3).rename(columns={"text": "utterance", "label": "intent"})
+    df[["utterance", "intent"]].to_csv(src, index=False)
+    out = tmp_path / "out.parquet"
+    s = prepare(src, out, "utterance", "intent", classifier_per_class=5, metric_mask="all", seed=3)
+    got = pd.read_parquet(out)
+    assert s == {"rows": 90, "classes": 3, "classifier_rows": 15, "metric_rows": 90}
+    assert got.groupby("label")["classifier_mask"].sum().tolist() == [5, 5, 5]
+    prepare(src, tmp_path / "again.parquet", "utterance", "intent", classifier_per_class=5, seed=3)
+    assert pd.read_parquet(tmp_path / "again.parquet").equals(got)
+    prepare(src, tmp_path / "lab.jsonl", "utterance", "intent", classifier_fraction=0.2, metric_mask="labelled")
+    lab = pd.read_json(tmp_path / "lab.jsonl", lines=True)
+    assert (lab["metric_mask"] == 1).all() and len(lab) == 18
+
+
+def test_prepare_validates_before_writing(tmp_path):
+    src = tmp_path / "in.csv"
+    pd.DataFrame({"text": ["ok", " "], "y": [1, 2]}).to_csv(src, index=False)
+    out = tmp_path / "out.parquet"
+    with pytest.raises(UserError, match="missing column.*label.*the table has text, y"):
+        prepare(src, out, "text", "label")
+    with pytest.raises(UserError, match="whitespace-only text in row 2"):
+        prepare(src, out, "text", "y")
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not (BANKING77 / "train.csv").is_file(), reason="BANKING77 not beside the repository")
+def test_prepare_reads_banking77_quirks(tmp_path):
+    out = tmp_path / "b77.parquet"
+    s = prepare(BANKING77 / "train.csv", out, "text", "category")
+    assert s["rows"] == 10003 and s["classes"] == 77
+    df = pd.read_parquet(out)
+    assert df["text"].str.contains("\n").sum() >= 10  # quoted newlines kept inside their field
+    assert not df["text"].str.endswith("\r").any()

@@ -149,3 +149,45 @@ def test_pk_with_only_classifier_rows_and_bad_arguments():
         RandomBatchSampler(10, 2, rank=2, world_size=2)
     with pytest.raises(ValueError, match="differ in length"):
         PKBatchSampler(labels, np.ones(9), 2, 2, 4)
+
+
+def test_random_sampler_shards_cover_the_data_once():
+    batches = []
+    for rank in range(3):
+        s = RandomBatchSampler(50, 4, seed=2, rank=rank, world_size=3)
+        s.set_epoch(1)
+        got = list(s)
+        assert len(got) == len(s) == math.ceil(math.ceil(50 / 3) / 4)
+        batches += got
+    seen = [i for b in batches for i in b]
+    assert set(seen) == set(range(50)) and len(seen) == 51  # one row repeated to even the shards
+    a = RandomBatchSampler(50, 4, seed=2)
+    a.set_epoch(0)
+    b = RandomBatchSampler(50, 4, seed=2)
+    b.set_epoch(1)
+    assert list(a) != list(b) and list(a) == list(RandomBatchSampler(50, 4, seed=2))
+
+
+def test_two_ranks_form_the_single_process_global_batch():
+    one = list(RandomBatchSampler(40, 8, seed=0))
+    r0 = list(RandomBatchSampler(40, 4, seed=0, rank=0, world_size=2))
+    r1 = list(RandomBatchSampler(40, 4, seed=0, rank=1, world_size=2))
+    for k in range(5):
+        assert sorted(r0[k] + r1[k]) == sorted(one[k])
+
+
+def test_pk_sampler_composition():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 300)
+    metric = (rng.random(300) < 0.8).astype(int)
+    s = PKBatchSampler(labels, metric, classes_per_batch=4, samples_per_class=3, batch_size=16, seed=1)
+    batches = list(s)
+    seen = [i for b in batches for i in b]
+    assert sorted(seen) == list(range(300))  # every row once per epoch
+    for b in batches:
+        m = [i for i in b if metric[i]]
+        counts = np.bincount(labels[m], minlength=10)
+        assert (counts != 1).all()  # every metric row in the batch has a positive
+    assert list(PKBatchSampler(labels, metric, 4, 3, 16, seed=1)) == batches
+    shards = [list(PKBatchSampler(labels, metric, 4, 3, 16, seed=1, rank=r, world_size=2)) for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1])

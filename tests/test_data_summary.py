@@ -78,3 +78,18 @@ def test_summarize_for_a_config():
     s = summarize(data, cfg)
     assert s["sampler"] == "pk" and s["expected_anchor_pos_frac"] == 1.0
     assert s["train_rows"] == len(data.train) and s["val_rows"] == len(data.val)
+
+
+def test_expected_anchor_fraction_matches_simulation():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 12, 400)
+    metric = (rng.random(400) < 0.7).astype(int)
+    want = expected_anchor_pos_fraction(labels, metric, 400, 16)
+    hits = total = 0
+    for _ in range(3000):
+        b = rng.choice(400, 16, replace=False)
+        m = b[metric[b] == 1]
+        counts = np.bincount(labels[m], minlength=12)
+        hits += (counts[labels[m]] > 1).sum()
+        total += len(m)
+    assert want == pytest.approx(hits / total, abs=0.01)

@@ -158,3 +158,49 @@ def test_extra_columns_ignored_and_input_untouched():
 
 def test_empty_frame():
     assert _problems(make_frame(3).iloc[:0], "t.csv") == ["t.csv: the table has no rows"]
+
+
+def test_missing_columns_lists_missing_and_present():
+    df = pd.DataFrame({"text": ["a"], "category": ["x"]})
+    with pytest.raises(UserError) as info:
+        validate_frame(df, "f.csv")
+    msg = str(info.value)
+    assert "missing column(s) label, metric_mask, classifier_mask" in msg and "the table has text, category" in msg
+
+
+def test_bad_text_rows_named():
+    df = make_frame(8)
+    df.loc[[1, 4, 6], "text"] = [None, "", "   \n"]
+    with pytest.raises(UserError, match=r"column text: null, empty or whitespace-only text in rows 2, 5, 7"):
+        validate_frame(df, "f.csv")
+
+
+def test_null_labels_and_mixed_types():
+    df = make_frame(6)
+    df["label"] = pd.Series(["a", 3, None, "b", 4, "c"], dtype=object)
+    with pytest.raises(UserError) as info:
+        validate_frame(df, "f.parquet")
+    msgs = info.value.messages
+    assert any("null labels in row 3" in m for m in msgs)
+    assert any("labels of mixed types (str in rows 1, 4, 6; int in rows 2, 5)" in m for m in msgs)
+
+
+def test_bad_and_null_masks():
+    df = make_frame(5)
+    df["metric_mask"] = pd.Series([1, 2, 0, "yes", 1], dtype=object)
+    df["classifier_mask"] = pd.Series([1, None, 1, 1, 0], dtype=object)
+    with pytest.raises(UserError) as info:
+        validate_frame(df, "f.csv")
+    text = str(info.value)
+    assert "column metric_mask: values outside {0, 1, True, False} (2, 'yes') in rows 2, 4" in text
+    assert "column classifier_mask: null values in row 2" in text
+
+
+def test_bool_masks_accepted_and_both_zero_dropped(caplog):
+    df = make_frame(6)
+    df["metric_mask"] = [True, False, True, False, True, False]
+    df["classifier_mask"] = [True, False, False, False, True, True]
+    with caplog.at_level(logging.WARNING, logger="metric_ds"):
+        out = validate_frame(df, "f.csv")
+    assert len(out) == 4
+    assert "dropped 2 row(s) with both metric_mask and classifier_mask 0" in caplog.text
