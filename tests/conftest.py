@@ -1,14 +1,21 @@
-"""Shared fixtures: seeding, a tiny random BERT with the bundled MiniLM tokenizer, small synthetic tables."""
+"""Shared fixtures and helpers: seeding, a tiny random BERT with the bundled MiniLM tokenizer, small synthetic
+tables, the one config builder of the tests (:func:`make_cfg`), in-process training (:func:`run`), its records, and
+launching training as processes (:func:`launch_env`, :func:`launch`). Test files import helpers from here only,
+never from each other."""
 from __future__ import annotations
 
+import json
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -16,6 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parent.parent / ".venv" / "torch_extensions"))
 
 REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent  # the venv's torchrun and deepspeed launchers
 BANKING77 = Path(os.environ.get("BANKING77_DIR", REPO.parent / "shared" / "data" / "banking77"))
 
 
@@ -94,3 +102,82 @@ def no_dropout_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
     return out
+
+
+# --------------------------------------------------------------------------------------------- configs and runs
+
+
+def make_cfg(root: Path, model_dir: Path, table: Path, **over) -> dict:
+    """The tests' training config as a dict: a tiny model, 2 epochs of batches of 8, the reference SupCon, runs
+    under ``root/runs``. ``section__key=value`` overrides a key (``training__max_steps=3``); a value of ``None``
+    sets the key to null."""
+    data = {
+        "run_name": "t",
+        "model_name": str(model_dir),
+        "data": {"train_path": str(table), "val_ratio": 0.25},
+        "training": {"batch_size": 8, "num_epochs": 2, "max_seq_length": 16, "log_every_n_steps": 1,
+                     "supcon_impl": "reference", "seed": 3},
+        "optimizer": {"learning_rate": 1e-3},
+        "checkpointing": {"checkpoints_dir": str(root / "runs"), "save_best_by": "loss"},
+        "metric_validation": {"recall_at_k": [1, 3], "knn_k": 3, "train_bank_steps": 3},
+    }
+    for key, value in over.items():
+        node = data
+        *parents, last = key.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return data
+
+
+def write_cfg(path: Path, data: dict) -> Path:
+    """Write a config dict as the YAML file that ``--config`` reads."""
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run(root: Path, model_dir: Path, table: Path, **over):
+    """Train :func:`make_cfg`'s config in this process; returns the trainer and the run summary."""
+    from metric_ds.config import validate_config
+    from metric_ds.train import Trainer
+
+    trainer = Trainer(validate_config(make_cfg(root, model_dir, table, **over)))
+    return trainer, trainer.fit()
+
+
+def records(run_dir: Path) -> list[dict]:
+    """The run's ``metrics.jsonl``, one dict per record."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def launch_env() -> dict[str, str]:
+    """The environment of a launched training: no inherited rank variables, one thread per process, the venv's
+    launchers first on PATH."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", PATH=f"{BIN}:{env.get('PATH', '')}")
+    return env
+
+
+def launch(config: Path, world: int = 1, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m metric_ds.train --config F`` (``world`` 1) or under ``torchrun --nproc_per_node world``; asserts
+    that it succeeds."""
+    from metric_ds.distributed import free_port
+
+    entry = ["-m", "metric_ds.train", "--config", str(config), *extra]
+    cmd = [sys.executable, *entry] if world == 1 else \
+        [str(BIN / "torchrun"), "--nproc_per_node", str(world), "--master_port", str(free_port()), *entry]
+    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture
+def launch_config(tmp_path, tiny_model_dir) -> Path:
+    """The config file of a 3-step run for launchers (validation and a checkpoint at step 3, the default SupCon
+    implementation), under ``tmp_path/runs/launch``."""
+    table = tmp_path / "t.parquet"
+    make_frame(96).to_parquet(table)
+    return write_cfg(tmp_path / "cfg.yaml", make_cfg(
+        tmp_path, tiny_model_dir, table, run_name="launch", training__num_epochs=1, training__max_steps=3,
+        training__eval_every_n_steps=3, training__supcon_impl="auto", checkpointing__save_every_n_batches=3))

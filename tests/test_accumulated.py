@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_cfg, run
 
 from metric_ds.config import validate_config
 from metric_ds.grad_cache import accumulated_step
 from metric_ds.model import model_inputs
 from metric_ds.train import Trainer
-from test_train import make_cfg, run
 
 
 def _weights(trainer) -> dict[str, torch.Tensor]:
@@ -35,7 +35,7 @@ def _masked_table(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3])
+@pytest.mark.parametrize("stage", [0, *(pytest.param(s, marks=pytest.mark.slow) for s in (2, 3))])
 def test_four_micro_batches_of_8_equal_one_batch_of_32(tmp_path, no_dropout_model_dir, stage):
     table = _masked_table(tmp_path)
     common = dict(model__classifier_dropout=0.0, training__num_epochs=1, deepspeed__zero_stage=stage,

@@ -3,33 +3,21 @@ of one process with 2 micro-batches of 8 rows: the contrast set is every rank's 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import REPO, make_frame
-
-from metric_ds.distributed import free_port
-from test_launch import _env
+from conftest import launch, make_cfg, make_frame, write_cfg
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
 
 
 def _config(root: Path, model_dir: Path, table: Path, batch_size: int) -> Path:
-    path = root / "cfg.yaml"
-    path.write_text(yaml.safe_dump({
-        "run_name": "acc", "model_name": str(model_dir), "data": {"train_path": str(table), "val_ratio": 0.25},
-        "model": {"classifier_dropout": 0.0},
-        "training": {"batch_size": batch_size, "gradient_accumulation_steps": 2, "contrastive_batch": "accumulated",
-                     "num_epochs": 1, "max_steps": 3, "max_seq_length": 16, "log_every_n_steps": 1, "seed": 3},
-        "scheduler": {"name": "constant"},
-        "checkpointing": {"checkpoints_dir": str(root / "runs"), "save_every_n_batches": 3, "save_best_by": "loss"},
-    }))
-    return path
+    return write_cfg(root / "cfg.yaml", make_cfg(
+        root, model_dir, table, run_name="acc", model__classifier_dropout=0.0, training__batch_size=batch_size,
+        training__gradient_accumulation_steps=2, training__contrastive_batch="accumulated", training__num_epochs=1,
+        training__max_steps=3, training__supcon_impl="auto", optimizer__learning_rate=5e-5,
+        scheduler__name="constant", checkpointing__save_every_n_batches=3))
 
 
 def _weights(root: Path) -> dict[str, torch.Tensor]:
@@ -44,12 +32,8 @@ def test_two_ranks_accumulated_equal_one(tmp_path, no_dropout_model_dir):
     df.to_parquet(table)
     one, two = tmp_path / "w1", tmp_path / "w2"
     one.mkdir(), two.mkdir()
-    cmds = [[sys.executable, "-m", "metric_ds.train", "--config", str(_config(one, no_dropout_model_dir, table, 8))],
-            [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m",
-             "metric_ds.train", "--config", str(_config(two, no_dropout_model_dir, table, 4))]]
-    for cmd in cmds:
-        proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-4000:]
+    launch(_config(one, no_dropout_model_dir, table, 8), 1)
+    launch(_config(two, no_dropout_model_dir, table, 4), 2)
     records = [json.loads(x) for x in (two / "runs" / "acc" / "metrics.jsonl").read_text().splitlines()]
     assert [r["train/contrastive_batch"] for r in records if "train/contrastive_batch" in r][0] == 16
     expected = _weights(one)

@@ -3,7 +3,6 @@ weights and validation records of the run that was never interrupted."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -14,20 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from test_train import make_cfg
+from conftest import launch_env, make_cfg
 
 pytestmark = pytest.mark.slow
 
 STEPS = 12
 VOLATILE = ("samples_per_s", "step_time")  # wall-clock measurements
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    return env
 
 
 def _config(root: Path, model_dir: Path, table: Path) -> Path:
@@ -41,7 +32,7 @@ def _config(root: Path, model_dir: Path, table: Path) -> Path:
 
 def _launch(config: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "metric_ds.train", "--config", str(config), *extra],
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            env=launch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def _newest_step(run_dir: Path) -> int:

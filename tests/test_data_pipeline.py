@@ -178,7 +178,7 @@ def test_validation_file_with_unseen_labels(tmp_path):
     v = make_frame(10, num_classes=3)
     v.loc[[0, 1], "label"] = ["class_9", "class_7"]
     v.to_csv(val, index=False)
-    cfg = validate_config({"data": {"parquet_path": str(train), "val_parquet_path": str(val)},
+    cfg = validate_config({"data": {"train_path": str(train), "val_path": str(val)},
                            "training": {"batch_size": 8}})
     with pytest.raises(UserError, match="val.csv: validation labels not in the training data .*: class_7, class_9"):
         load_training_data(cfg)

@@ -4,13 +4,13 @@ Each case launches ``tests/dist_worker.py`` once alone and once under ``torchrun
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import launch_env
 
 from metric_ds.distributed import free_port
 
@@ -20,20 +20,13 @@ TORCHRUN = Path(sys.executable).parent / "torchrun"
 pytestmark = pytest.mark.slow
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                              "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 def launch(world: int, out: Path, model: Path, *extra: str) -> dict:
     args = [str(WORKER), "--model", str(model), "--out", str(out), *extra]
     if world == 1:
         cmd = [sys.executable, *args]
     else:
         cmd = [str(TORCHRUN), "--nproc_per_node", str(world), "--master_port", str(free_port()), *args]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out, weights_only=True)
 

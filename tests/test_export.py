@@ -11,9 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
-from conftest import make_frame
-from test_train import run
+from conftest import make_frame, run
 
 from metric_ds.cli import main
 from metric_ds.data.labels import LabelMap

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_cfg
 
 import metric_ds
 from metric_ds.config import validate_config
 from metric_ds.train import Trainer
-from test_train import make_cfg
 
 PACKAGE = str(Path(metric_ds.__file__).resolve().parent)
 READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "numpy")

@@ -4,40 +4,15 @@ the validation metrics."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import REPO, make_frame
+from conftest import BIN, REPO, launch_env
 
 from metric_ds.distributed import free_port
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
-    env.update(OMP_NUM_THREADS="1", PATH=f"{BIN}:{env.get('PATH', '')}")
-    return env
-
-
-@pytest.fixture
-def config(tmp_path, tiny_model_dir) -> Path:
-    table = tmp_path / "t.parquet"
-    make_frame(96).to_parquet(table)
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump({
-        "run_name": "launch", "model_name": str(tiny_model_dir), "data": {"train_path": str(table)},
-        "training": {"batch_size": 8, "num_epochs": 1, "max_steps": 3, "eval_every_n_steps": 3,
-                     "max_seq_length": 16, "log_every_n_steps": 1},
-        "checkpointing": {"checkpoints_dir": str(tmp_path / "runs"), "save_every_n_batches": 3},
-    }))
-    return path
 
 
 def check_run(tmp_path: Path, world: int) -> None:
@@ -55,29 +30,29 @@ def check_run(tmp_path: Path, world: int) -> None:
 
 
 def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 
 
-def test_deepspeed_launcher_two_processes(tmp_path, config):
+def test_deepspeed_launcher_two_processes(tmp_path, launch_config):
     run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "metric_ds/train.py",
-         "--config", str(config)])
+         "--config", str(launch_config)])
     check_run(tmp_path, 2)
 
 
-def test_torchrun_two_processes(tmp_path, config):
+def test_torchrun_two_processes(tmp_path, launch_config):
     run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "metric_ds.train",
-         "--config", str(config)])
+         "--config", str(launch_config)])
     check_run(tmp_path, 2)
 
 
-def test_two_nodes_simulated_on_one_machine(tmp_path, config):
+def test_two_nodes_simulated_on_one_machine(tmp_path, launch_config):
     port = str(free_port())
     cmds = [[str(BIN / "torchrun"), "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
-             "--master_addr", "127.0.0.1", "--master_port", port, "-m", "metric_ds.train", "--config", str(config)]
+             "--master_addr", "127.0.0.1", "--master_port", port, "-m", "metric_ds.train", "--config", str(launch_config)]
             for rank in (0, 1)]
-    procs = [subprocess.Popen(c, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen(c, cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for c in cmds]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outs):

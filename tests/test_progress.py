@@ -8,9 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
-from test_launch import _env as _launch_env
-from test_launch import config  # noqa: F401 - the 2-rank run's config fixture
+from conftest import REPO, launch_env
 
 from metric_ds.distributed import free_port
 from metric_ds.errors import UserError
@@ -78,13 +76,13 @@ def test_factory_plain_on_rank_0(monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_two_rank_training_log_file_has_no_redraws_or_duplicates(tmp_path, config):
+def test_two_rank_training_log_file_has_no_redraws_or_duplicates(tmp_path, launch_config):
     """A 2-process training with stdout and stderr sent to one file, as under nohup or a batch scheduler."""
-    env = {k: v for k, v in _launch_env().items() if k != "METRIC_DS_PROGRESS"}
+    env = {k: v for k, v in launch_env().items() if k != "METRIC_DS_PROGRESS"}
     log = tmp_path / "train.log"
     with open(log, "w") as fh:
         proc = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2",
-                               "--master_port", str(free_port()), "-m", "metric_ds.train", "--config", str(config)],
+                               "--master_port", str(free_port()), "-m", "metric_ds.train", "--config", str(launch_config)],
                               cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=600)
     text = log.read_text()
     assert proc.returncode == 0, text[-3000:]

@@ -7,42 +7,27 @@ untrained model's distance (~25%)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import REPO, make_frame
+from conftest import launch, make_cfg, make_frame, write_cfg
 
 from metric_ds.config import validate_config
-from metric_ds.distributed import free_port
 from metric_ds.train import Trainer
-from test_launch import _env
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
 
 
 def _config(root: Path, model_dir: Path, table: Path, stage: int) -> dict:
-    return {"run_name": "x", "model_name": str(model_dir), "data": {"train_path": str(table)},
-            "training": {"batch_size": 4, "num_epochs": 1, "max_steps": 6, "max_seq_length": 16,
-                         "log_every_n_steps": 1, "seed": 3},
-            "optimizer": {"learning_rate": 1e-3},
-            "deepspeed": {"zero_stage": stage},
-            "checkpointing": {"checkpoints_dir": str(root / "runs"), "save_every_n_batches": 3,
-                              "keep_last_n_checkpoints": 5, "save_best_by": "loss"}}
+    return make_cfg(root, model_dir, table, run_name="x", data__val_ratio=0.1, training__batch_size=4,
+                    training__num_epochs=1, training__max_steps=6, training__supcon_impl="auto",
+                    deepspeed__zero_stage=stage, checkpointing__save_every_n_batches=3,
+                    checkpointing__keep_last_n_checkpoints=5)
 
 
 def _launch(world: int, cfg: dict, root: Path, *sets: str) -> Path:
-    path = root / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    entry = ["-m", "metric_ds.train", "--config", str(path), *sum((["--set", s] for s in sets), [])]
-    cmd = [sys.executable, *entry] if world == 1 else \
-        [str(BIN / "torchrun"), "--nproc_per_node", str(world), "--master_port", str(free_port()), *entry]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    launch(write_cfg(root / "cfg.yaml", cfg), world, *sum((["--set", s] for s in sets), []))
     return root / "runs" / "x"
 
 

@@ -2,11 +2,11 @@
 validation records, the best/ export, atomic checkpoints and exact resume."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_cfg, records, run
 from safetensors.torch import load_file
 
 from metric_ds.checkpoint import resolve_resume, save_checkpoint
@@ -15,38 +15,8 @@ from metric_ds.errors import UserError
 from metric_ds.train import Trainer
 
 
-def make_cfg(tmp_path: Path, model_dir: Path, table: Path, **over) -> dict:
-    data = {
-        "run_name": "t",
-        "model_name": str(model_dir),
-        "data": {"train_path": str(table), "val_ratio": 0.25},
-        "training": {"batch_size": 8, "num_epochs": 2, "max_seq_length": 16, "log_every_n_steps": 1,
-                     "supcon_impl": "reference", "seed": 3},
-        "optimizer": {"learning_rate": 1e-3},
-        "checkpointing": {"checkpoints_dir": str(tmp_path / "runs"), "save_best_by": "loss"},
-        "metric_validation": {"recall_at_k": [1, 3], "knn_k": 3, "train_bank_steps": 3},
-    }
-    for key, value in over.items():
-        node = data
-        *parents, last = key.split("__")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return data
-
-
-def run(tmp_path, tiny_model_dir, tiny_table, **over):
-    cfg = validate_config(make_cfg(tmp_path, tiny_model_dir, tiny_table, **over))
-    trainer = Trainer(cfg)
-    summary = trainer.fit()
-    return trainer, summary
-
-
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+# ZeRO 0 is the quick case; the other stages are the DeepSpeed grid (slow: still run by `make test`)
+@pytest.mark.parametrize("stage", [0, *(pytest.param(s, marks=pytest.mark.slow) for s in (1, 2, 3))])
 def test_zero_stages_train_validate_export(tmp_path, tiny_model_dir, tiny_table, stage):
     trainer, summary = run(tmp_path, tiny_model_dir, tiny_table, deepspeed__zero_stage=stage,
                            training__max_steps=4, training__eval_every_n_steps=2)
@@ -195,6 +165,7 @@ def test_resume_from_nothing_is_a_clear_error(tmp_path, tiny_model_dir, tiny_tab
         run(tmp_path, tiny_model_dir, tiny_table, training__resume_from=str(tmp_path / "nowhere"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_resume_under_zero_reads_weights_only(tmp_path, tiny_model_dir, tiny_table, stage, monkeypatch):
     """A ZeRO-2/3 checkpoint resumes, and every file is read with torch.load(weights_only=True)."""

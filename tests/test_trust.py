@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_frame, records, run
 
-from conftest import make_frame
 from metric_ds import run_folder
 from metric_ds.checkpoint import resolve_resume
 from metric_ds.config import apply_overrides, validate_config
 from metric_ds.errors import UserError
 from metric_ds.train import accumulation_window
-from test_train import records, run
 
 
 def _weights(trainer) -> dict[str, torch.Tensor]:
