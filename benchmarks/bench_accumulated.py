@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import harness  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-BANKING77 = Path(os.environ.get("BANKING77_DIR", HERE.parent.parent / "shared" / "data" / "banking77"))
+BANKING77 = Path(os.environ.get("BANKING77_DIR", HERE.parent / "data" / "banking77"))
 
 
 def run_case(case: dict) -> None:

@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 PROVIDERS = ["pytorch", "onnxruntime"]
 NUM_CLASSES = 77
 MAX_SEQ_LENGTH = 64
-BANKING77 = Path(os.environ.get("BANKING77_DIR", HERE.parent.parent / "shared" / "data" / "banking77"))
+BANKING77 = Path(os.environ.get("BANKING77_DIR", HERE.parent / "data" / "banking77"))
 
 
 def build_exports(work: Path) -> tuple[Path, Path]:

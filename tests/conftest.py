@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parent.parent / ".venv" / "torch_extensions"))
 
 REPO = Path(__file__).resolve().parent.parent
-BANKING77 = Path(os.environ.get("BANKING77_DIR", REPO.parent / "shared" / "data" / "banking77"))
+BANKING77 = Path(os.environ.get("BANKING77_DIR", REPO / "data" / "banking77"))
 
 
 @pytest.fixture(autouse=True)
