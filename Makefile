@@ -5,16 +5,16 @@
 #   make demo        setup, then the BANKING77 main job (prepare, train, evaluate, report)
 #   make demo-quick  a 2-minute version of the demo
 #   make cuda-check  compile the CUDA sources for sm_80, sm_90 and PTX (no GPU needed)
-#   make gpu-wheels  download/build into .whl/ the Python 3.12 wheels a lent GPU machine lacks (for gpu_check.sh)
+#   make gpu-wheels  download/build into .whl/ the Python 3.12 wheels a lent GPU machine lacks (for scripts/gpu_check.sh)
 #
 # Overrides: TORCH_SPEC (default torch==2.14.1; set TORCH_SPEC=keep to keep a torch already in .venv),
-# PYTHON (the interpreter that creates .venv), BANKING77_DIR (default ../shared/data/banking77).
+# PYTHON (the interpreter that creates .venv), BANKING77_DIR (default data/banking77, shipped in the repository).
 
 PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
-BANKING77_DIR ?= $(abspath ../shared/data/banking77)
+BANKING77_DIR ?= $(abspath data/banking77)
 STAMP := $(VENV)/.metric_ds-setup
 OP_SOURCES := $(wildcard csrc/supcon/*.cpp csrc/supcon/*.h csrc/supcon/*.cu csrc/supcon/*.cuh)
 
@@ -59,18 +59,18 @@ test-fast: setup
 	$(VPY) -m pytest -q -ra -m "not slow" tests
 
 demo: setup
-	BANKING77_DIR="$(BANKING77_DIR)" bash benchmarks/demo.sh full
+	BANKING77_DIR="$(BANKING77_DIR)" bash scripts/demo.sh full
 
 demo-quick: setup
-	BANKING77_DIR="$(BANKING77_DIR)" bash benchmarks/demo.sh quick
+	BANKING77_DIR="$(BANKING77_DIR)" bash scripts/demo.sh quick
 
 bench: setup
 	$(VPY) benchmarks/bench_supcon.py
 
 # DeepSpeed (built here with DS_BUILD_OPS=0), pydantic and their missing dependencies, for CPython 3.12 x86_64;
-# fails over 40 MiB. benchmarks/README.md says how benchmarks/gpu_check.sh uses them.
+# fails over 40 MiB. benchmarks/README.md says how scripts/gpu_check.sh uses them.
 gpu-wheels: $(STAMP)
-	bash benchmarks/gpu_wheels.sh $(VPY)
+	bash scripts/gpu_wheels.sh $(VPY)
 
 clean:
 	rm -rf build *.egg-info metric_ds/*.so metric_ds/ops/*.so $(VENV)/.op-built

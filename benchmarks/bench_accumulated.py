@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import harness  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-BANKING77 = Path(os.environ.get("BANKING77_DIR", HERE.parent.parent / "shared" / "data" / "banking77"))
+BANKING77 = Path(os.environ.get("BANKING77_DIR", HERE.parent / "data" / "banking77"))
 
 
 def run_case(case: dict) -> None:
@@ -74,7 +74,8 @@ def run_case(case: dict) -> None:
     times = harness.time_it(step, reps=case["steps"], warmup=1)
     p20, p50, p80 = harness.quantiles(times)
     base = {**harness.common_fields("cpu"), "op": "contrastive_batch", "provider": case["provider"], "mode": "step",
-            "B": rows, "d": micro, "dtype": "fp32", "status": "ok", "note": f"{accumulation} x {micro} rows"}
+            "size": harness.size(rows=rows, micro=micro), "dtype": "fp32", "status": "ok",
+            "note": f"{accumulation} x {micro} rows"}
     harness.emit({**base, "metric": "time", "unit": "s", "p20": p20, "p50": p50, "p80": p80})
     peak = harness.peak_rss_bytes() / 2**20
     harness.emit({**base, "metric": "peak_rss", "unit": "MiB", "p20": peak, "p50": peak, "p80": peak})
@@ -92,7 +93,8 @@ def main() -> None:
         return
     rows = []
     for provider, micro in (("micro", args.rows), ("accumulated", args.micro)):
-        case = {"provider": provider, "rows": args.rows, "micro": micro, "steps": args.steps}
+        case = {"provider": provider, "rows": args.rows, "micro": micro, "steps": args.steps,
+                "size": harness.size(rows=args.rows, micro=micro)}
         got = harness.run_in_subprocess(Path(__file__), case, timeout=3600)
         rows += got
         print(got, flush=True)

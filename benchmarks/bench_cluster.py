@@ -42,7 +42,7 @@ def clustered(n: int, d: int, centres: int, seed: int) -> np.ndarray:
 def worker(case: dict) -> None:
     from metric_ds.pseudo_label import assign_by_knn, cluster_embeddings
 
-    n, d, classes = case["B"], case["d"], case["classes"]
+    n, d, classes = case["N"], case["d"], case["classes"]
     x = clustered(n, d, classes, seed=0)
     base = harness.rss_bytes()
     start = time.perf_counter()
@@ -58,7 +58,7 @@ def worker(case: dict) -> None:
     wall = time.perf_counter() - start
     assert len(out) == n
     common = {**harness.common_fields("cpu"), "op": "pseudo_label_grouping", "provider": case["provider"],
-              "mode": "full", "B": n, "d": d, "dtype": "fp32", "status": "ok"}
+              "mode": "full", "size": harness.size(N=n, d=d), "dtype": "fp32", "status": "ok"}
     note = f"{detail}; data {x.nbytes / 2**20:.0f} MiB; {case.get('note', '')}".strip("; ")
     harness.emit({**common, "metric": "time", "unit": "s", "p20": wall, "p50": wall, "p80": wall, "note": note})
     peak = harness.peak_rss_bytes() / 2**20
@@ -84,9 +84,9 @@ def render(rows: list[dict]) -> str:
              "| --- | ---: | ---: | --- | ---: | ---: | --- |"]
     for t in (r for r in rows if r.get("metric") == "time"):
         mem = next((r for r in rows if r.get("metric") == "peak_rss" and r["note"].startswith(t["note"])), {})
-        lines.append(f"| {t['provider']} | {t['B']} | {t['d']} | {t['note'].split(';')[0]} | {float(t['p50']):.1f} "
+        lines.append(f"| {t['provider']} | {harness.dims(t)['N']} | {harness.dims(t)['d']} | {t['note'].split(';')[0]} | {float(t['p50']):.1f} "
                      f"| {float(mem.get('p50', 'nan')):.0f} | {mem.get('note', t['note'])} |")
-    lines += [f"| {r['provider']} | {r['B']} | {r['d']} | | {r['status']} | | {r.get('note', '')} |"
+    lines += [f"| {r['provider']} | {harness.dims(r).get('N', '')} | {harness.dims(r).get('d', '')} | | {r['status']} | | {r.get('note', '')} |"
               for r in rows if r.get("status", "ok") != "ok"]
     return "\n".join(lines)
 
@@ -104,10 +104,11 @@ def main() -> None:
         worker(json.loads(args.worker))
         return
     for name in args.cases:
-        case = {**CASES[name], "B": args.rows, "d": args.dim, "classes": 77, "note": args.note}
+        case = {**CASES[name], "N": args.rows, "d": args.dim, "classes": 77, "note": args.note,
+                "size": harness.size(N=args.rows, d=args.dim)}
         got = harness.run_in_subprocess(Path(__file__), case, timeout=3600)
         print(got, flush=True)
-        same = lambda r: r["provider"] == case["provider"] and int(r["B"]) == args.rows and (  # noqa: E731
+        same = lambda r: r["provider"] == case["provider"] and harness.dims(r)["N"] == args.rows and (  # noqa: E731
             r["note"].split(";")[0] == got[0].get("note", "").split(";")[0])
         harness.write_csv([r for r in read_rows() if not same(r)] + got, CSV)
         harness.replace_between_markers(HERE / "README.md", "cluster", render(read_rows()))

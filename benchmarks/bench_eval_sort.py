@@ -3,7 +3,7 @@
 The model is the untrained MiniLM with fresh heads, exported as ``best/`` would be (speed does not depend on
 the weights). Runs alternate sorted / unsorted so that a change in the machine's load hits both alike.
 
-    python benchmarks/bench_eval_sort.py --data ../shared/data/banking77/test.csv --repeats 2
+    python benchmarks/bench_eval_sort.py --data data/banking77/test.csv --repeats 2
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def build_export(out: Path, data: Path) -> Path:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/banking77/test.csv"))
+    p.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / "data/banking77/test.csv"))
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="cpu")

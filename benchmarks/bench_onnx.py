@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 PROVIDERS = ["pytorch", "onnxruntime"]
 NUM_CLASSES = 77
 MAX_SEQ_LENGTH = 64
-BANKING77 = Path(os.environ.get("BANKING77_DIR", HERE.parent.parent / "shared" / "data" / "banking77"))
+BANKING77 = Path(os.environ.get("BANKING77_DIR", HERE.parent / "data" / "banking77"))
 
 
 def build_exports(work: Path) -> tuple[Path, Path]:
@@ -99,8 +99,8 @@ def run_case(case: dict) -> None:
     times = harness.time_it(one_pass, case["reps"], warmup=1)
     p20, p50, p80 = harness.quantiles([len(texts) / t for t in times])
     harness.emit({**harness.common_fields("cpu"), "op": "classify+embed", "provider": case["provider"],
-                  "mode": "inference", "metric": "throughput", "unit": "texts/s", "B": b, "d": 384,
-                  "dtype": "fp32", "p20": p20, "p50": p50, "p80": p80, "status": "ok",
+                  "mode": "inference", "metric": "throughput", "unit": "texts/s",
+                  "size": harness.size(B=b, d=384), "dtype": "fp32", "p20": p20, "p50": p50, "p80": p80, "status": "ok",
                   "note": f"{len(texts)} BANKING77 test texts, max_seq_length {MAX_SEQ_LENGTH}; {case['note']}"})
 
 
@@ -132,14 +132,15 @@ def main() -> None:
                         "threads": args.threads, "best": str(best), "onnx": str(onnx_dir), "note": args.note}
                 for r in harness.run_in_subprocess(Path(__file__), case, args.timeout):
                     r = {**harness.common_fields("cpu"), "op": "classify+embed", "mode": "inference",
-                         "metric": "throughput", "unit": "texts/s", "d": 384, "dtype": "fp32", **r}
+                         "metric": "throughput", "unit": "texts/s", "size": harness.size(B=b, d=384), "dtype": "fp32",
+                         **r}
                     rows.append(r)
                     shown = f"{float(r['p50']):.1f} texts/s" if r.get("status") == "ok" else r.get("status")
                     print(f"{provider:>12} batch {b:>3}: {shown}", flush=True)
     harness.write_csv(rows, Path(args.out))
     speedups = []
     for b in args.batch_sizes:
-        by = {r["provider"]: float(r["p50"]) for r in rows if r["B"] == b and r.get("status") == "ok"}
+        by = {r["provider"]: float(r["p50"]) for r in rows if harness.dims(r)["B"] == b and r.get("status") == "ok"}
         if len(by) == 2:
             speedups.append(f"batch {b}: x{by['onnxruntime'] / by['pytorch']:.2f}")
     text = "\n\n".join([

@@ -3,7 +3,7 @@
     # CPU (the <= 1.05x target): MiniLM-sized random BERT, fp32
     nice -n 19 .venv/bin/python benchmarks/bench_overhead.py --device cpu --size minilm --batch 32 --seq 64 \\
         --steps 20 --log-every 5 --repeats 2
-    # GPU (benchmarks/gpu_check.sh step 6): BERT-base-sized, bf16, ZeRO 0 and 2, fused and reference
+    # GPU (scripts/gpu_check.sh step 6): BERT-base-sized, bf16, ZeRO 0 and 2, fused and reference
     python benchmarks/bench_overhead.py --device cuda --size bert-base --batch 128 --seq 64 --steps 60 \\
         --precision bf16 --zero 0 2 --impl fused reference --out "$OUT"
 

@@ -57,8 +57,8 @@ def run_case(case: dict) -> list[dict]:
     dtype = DTYPES[case["dtype"]]
     sync = torch.cuda.synchronize if device == "cuda" else None
     clock = time.process_time if case.get("clock") == "cpu" else time.perf_counter
-    base = {**harness.common_fields(device), "op": "supcon", "provider": case["provider"], "B": b, "d": d,
-            "dtype": case["dtype"], "status": "ok"}
+    base = {**harness.common_fields(device), "op": "supcon", "provider": case["provider"],
+            "size": harness.size(B=b, d=d), "dtype": case["dtype"], "status": "ok"}
     z0, y = _inputs(b, d, dtype, device)
     if device == "cuda":
         torch.cuda.synchronize()
@@ -184,8 +184,8 @@ def main() -> None:
                 case = {"provider": provider, "B": b, "d": d, "dtype": dtype, "device": device, "reps": reps,
                         "clock": args.clock,
                         "modes": args.modes if b <= 16384 else ["full"]}
-                meta = {**harness.common_fields(device), "op": "supcon", "provider": provider, "B": b, "d": d,
-                        "dtype": dtype, "mode": "full", "metric": "", "unit": ""}
+                meta = {**harness.common_fields(device), "op": "supcon", "provider": provider,
+                        "size": harness.size(B=b, d=d), "dtype": dtype, "mode": "full", "metric": "", "unit": ""}
                 if provider.startswith("reference") and not reference_fits(b, device):
                     rows.append({**meta, "status": "OOM", "note": "estimated: 4 B^2 fp32 exceed memory"})
                     print(f"{provider:>18} B={b:>6} d={d}: OOM (estimated)", flush=True)

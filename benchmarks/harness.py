@@ -2,7 +2,9 @@
 to a long-format CSV, and a Markdown table is generated from it.
 
 A benchmark script only describes its cases and a ``run_case(args) -> list[dict]`` worker; this module does the
-timing, memory, subprocess isolation, CSV and Markdown.
+timing, memory, subprocess isolation, CSV and Markdown. Every row says what size it measured in one generic column,
+``size``: named dimensions such as ``B=4096 d=384`` (SupCon), ``B=64`` (an inference batch) or ``N=1000000 d=384``
+(rows to cluster); build it with :func:`size` and read it back with :func:`dims`.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -22,8 +25,18 @@ from typing import Any
 
 import torch
 
-FIELDS = ["op", "provider", "mode", "metric", "unit", "B", "d", "dtype", "p20", "p50", "p80", "status", "device",
+FIELDS = ["op", "provider", "mode", "metric", "unit", "size", "dtype", "p20", "p50", "p80", "status", "device",
           "torch", "threads", "timestamp", "version", "note"]
+
+
+def size(**dims: int) -> str:
+    """The ``size`` column: ``size(B=4096, d=384)`` is ``"B=4096 d=384"`` (the dimensions in the order given)."""
+    return " ".join(f"{name}={value}" for name, value in dims.items())
+
+
+def dims(row: dict[str, Any]) -> dict[str, int]:
+    """The dimensions of a row's ``size`` column, in order: ``{"B": 4096, "d": 384}``."""
+    return {name: int(value) for name, value in re.findall(r"(\w+)=(-?\d+)", str(row.get("size") or ""))}
 
 
 def quantiles(values: list[float]) -> tuple[float, float, float]:
@@ -115,24 +128,27 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def markdown_table(rows: list[dict[str, Any]], metric: str, unit: str) -> str:
-    """Pivot: one line per (mode, B, d, dtype), one column per provider, cells = p50 (or the status)."""
+    """Pivot: one line per (mode, size, dtype), one column per size dimension and per provider, cells = p50 (or
+    the status)."""
     providers = sorted({r["provider"] for r in rows})
-    keys = sorted({(r["mode"], int(r["B"]), int(r["d"]), r["dtype"]) for r in rows if r["metric"] in (metric, "")},
-                  key=lambda k: (k[0], k[1], k[2], k[3]))
-    lines = [f"| mode | B | d | dtype | {' | '.join(providers)} |",
-             "| --- | ---: | ---: | --- |" + " ---: |" * len(providers)]
-    for mode, b, d, dtype in keys:
+    names = list(dict.fromkeys(name for r in rows for name in dims(r)))
+    rows = [r for r in rows if r["metric"] in (metric, "")]
+    key = lambda r: (r["mode"], tuple(dims(r).get(n, 0) for n in names), r["dtype"])  # noqa: E731
+    keys = sorted({key(r) for r in rows})
+    lines = [f"| mode | {' | '.join(names)} | dtype | {' | '.join(providers)} |",
+             "| --- |" + " ---: |" * len(names) + " --- |" + " ---: |" * len(providers)]
+    for k in keys:
+        mode, values, dtype = k
         cells = []
         for p in providers:
-            match = [r for r in rows if r["provider"] == p and r["mode"] == mode and int(r["B"]) == b
-                     and int(r["d"]) == d and r["dtype"] == dtype and r["metric"] in (metric, "")]
+            match = [r for r in rows if r["provider"] == p and key(r) == k]
             if not match:
                 cells.append("")
             elif match[0].get("status", "ok") != "ok":
                 cells.append(str(match[0]["status"]))
             else:
                 cells.append(f"{float(match[0]['p50']):.4g}")
-        lines.append(f"| {mode} | {b} | {d} | {dtype} | {' | '.join(cells)} |")
+        lines.append(f"| {mode} | {' | '.join(map(str, values))} | {dtype} | {' | '.join(cells)} |")
     return f"{metric} ({unit}, p50):\n\n" + "\n".join(lines)
 
 

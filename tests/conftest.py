@@ -24,7 +24,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().paren
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv's torchrun and deepspeed launchers
-BANKING77 = Path(os.environ.get("BANKING77_DIR", REPO.parent / "shared" / "data" / "banking77"))
+BANKING77 = Path(os.environ.get("BANKING77_DIR", REPO / "data" / "banking77"))
 
 
 @pytest.fixture(autouse=True)

@@ -226,10 +226,10 @@ def test_a_missing_optional_package_names_the_install(tmp_path, tiny_model_dir, 
 
 
 def readme_block(marker: str) -> str:
-    """The python block after ``<!-- readme-test: MARKER -->`` in README.md."""
-    text = (REPO / "README.md").read_text()
+    """The python block after ``<!-- readme-test: MARKER -->`` in README.md or docs/*.md."""
+    text = "\n".join(p.read_text() for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))])
     found = re.search(rf"<!-- readme-test: {re.escape(marker)} -->\n```python\n(.*?)```", text, re.S)
-    assert found, f"README.md has no python block marked readme-test: {marker}"
+    assert found, f"README.md and docs/*.md have no python block marked readme-test: {marker}"
     return found.group(1)
 
 

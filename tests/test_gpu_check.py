@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.sh --cpu-dry-run: the GPU check's six steps at tiny sizes on CPU, so that the script is
+"""scripts/gpu_check.sh --cpu-dry-run: the GPU check's six steps at tiny sizes on CPU, so that the script is
 ready (and green) the day a GPU is lent."""
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def check_dry_run(out: Path) -> None:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
     env.update(OUT=str(out), PYTHON=sys.executable)
-    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu-dry-run"], cwd=REPO, env=env,
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--cpu-dry-run"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=850)
     summary = (out / "summary.md").read_text()
     log_tail = (out / "log.txt").read_text()[-4000:] if (out / "log.txt").exists() else ""

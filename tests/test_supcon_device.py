@@ -1,7 +1,7 @@
 """The fused op against the reference on the GPU check's grid: fp32, bf16 and fp16; anchor slices; B up to 65,536;
 a 64-wide tile so that tile edges are crossed; labels given with ``num_classes``.
 
-``benchmarks/gpu_check.sh`` step 3 runs this file on CUDA. Without a GPU it is skipped, except when
+``scripts/gpu_check.sh`` step 3 runs this file on CUDA. Without a GPU it is skipped, except when
 ``METRIC_DS_CHECK_DEVICE=cpu`` (the script's ``--cpu-dry-run``), which runs the same tests at small sizes on CPU
 so that they cannot rot. ``METRIC_DS_CHECK_MAX_B`` caps the batch sizes (65,536 on CUDA, 1,100 on CPU).
 """

@@ -1,7 +1,7 @@
 """The limited-labelling study on BANKING77: do unverified (pseudo-labelled) rows in SupCon add accuracy over the
 few verified rows?
 
-    .venv/bin/python benchmarks/limited_labels.py [--k 10 5] [--draws 0 1] [--rows a c e b] [--force]
+    .venv/bin/python benchmarks/studies/limited_labels.py [--k 10 5] [--draws 0 1] [--rows a c e b] [--force]
 
 Setup: train.csv; for each k (labelled rows per class) and draw (the seed of the draw), k rows per class are
 labelled and every other row's label is hidden from every step. One labelled row per class is held out as the
@@ -19,7 +19,7 @@ f. the gold-label 10-shot row of ``banking77.json`` (SupCon sees the gold label 
 
 Results accumulate in ``benchmarks/results/limited_labels.json`` (a finished row is skipped unless ``--force``;
 run any subset of rows and draws, in any order) and are rendered to ``limited_labels.md``. Every training and
-evaluation goes through the ``metric-ds`` commands, with ``benchmarks/banking77.py``'s helpers.
+evaluation goes through the ``metric-ds`` commands, with ``benchmarks/studies/banking77.py``'s helpers.
 """
 from __future__ import annotations
 
@@ -308,7 +308,7 @@ def main() -> None:
                    help="acc: the recipe (best validation accuracy); loss: the variant keyed ROW@loss, "
                         "checkpoint of least validation loss")
     args = p.parse_args()
-    data_dir = Path(os.environ.get("BANKING77_DIR", b77.ROOT.parent / "shared" / "data" / "banking77"))
+    data_dir = b77.DATA
     results = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
     import platform
 

@@ -1,13 +1,13 @@
 """The BANKING77 study: CE only, SupCon only (k-NN and a linear head fitted afterwards), CE + SupCon, and the
 limited-labelling case (10 labelled rows per class) against CE on those rows alone, beside published results.
 
-    .venv/bin/python benchmarks/banking77.py [--only ce_supcon ce_only ...] [--epochs 3]
+    .venv/bin/python benchmarks/studies/banking77.py [--only ce_supcon ce_only ...] [--epochs 3]
 
 Every configuration trains the bundled all-MiniLM-L6-v2 with ``configs/banking77.yaml`` (plus the overrides
 listed below), selects its checkpoint on a validation split of train.csv, and is evaluated once on test.csv.
 Results accumulate in ``benchmarks/results/banking77.json`` (a configuration already there is not re-run unless
 ``--force``) and are rendered to ``benchmarks/results/banking77.md``. Data: ``$BANKING77_DIR``
-(default ``../shared/data/banking77``), never copied into the repository.
+(default ``data/banking77``, shipped in the repository).
 """
 from __future__ import annotations
 
@@ -23,10 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "demo_runs" / "study"
+DATA = Path(os.environ.get("BANKING77_DIR", ROOT / "data" / "banking77"))  # the shipped copy unless overridden
 PY = sys.executable
 CONFIG = "configs/banking77.yaml"
 
@@ -301,7 +302,7 @@ def main() -> None:
     unknown = set(adopt) - set(STUDY)
     if unknown:
         p.error(f"--adopt: unknown configuration(s) {sorted(unknown)}; choose from {list(STUDY)}")
-    data_dir = Path(os.environ.get("BANKING77_DIR", ROOT.parent / "shared" / "data" / "banking77"))
+    data_dir = DATA
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "banking77.json"
     results = json.loads(path.read_text()) if path.exists() else {}

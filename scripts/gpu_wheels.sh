@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make gpu-wheels`: fill .whl/ (git-ignored) with the Python 3.12 x86_64 wheels that the lent GPU machine lacks,
-# so that benchmarks/gpu_check.sh can install them there with no network:
+# so that scripts/gpu_check.sh can install them there with no network:
 #   pip install --no-index --find-links .whl deepspeed pydantic
 #
 # That machine has torch 2.11 (CUDA 13), transformers 5.17, numpy, pandas, pyarrow, pyyaml, tqdm, safetensors,
@@ -10,7 +10,7 @@
 # a pure-Python wheel that works on Python 3.12. metric_ds itself needs no wheel: gpu_check.sh builds the op in the
 # copied source tree. Fails if .whl/ ends up over 40 MiB (the device machine takes 64 MiB per call in all).
 #
-# Usage: benchmarks/gpu_wheels.sh [PYTHON]   (default: .venv/bin/python)
+# Usage: scripts/gpu_wheels.sh [PYTHON]   (default: .venv/bin/python)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-.venv/bin/python}

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The main job on BANKING77: prepare -> train -> evaluate on test.csv -> report -> a short table.
-#   bash benchmarks/demo.sh full|quick        (make demo / make demo-quick)
-# Reads the data from $BANKING77_DIR (default ../shared/data/banking77); writes under demo_runs/.
+#   bash scripts/demo.sh full|quick        (make demo / make demo-quick)
+# Reads the data from $BANKING77_DIR (default data/banking77, shipped in the repository); writes under demo_runs/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-full}
-data_dir=${BANKING77_DIR:-../shared/data/banking77}
+data_dir=${BANKING77_DIR:-data/banking77}
 py=.venv/bin/python
 out=demo_runs
 config=configs/banking77.yaml

@@ -2,8 +2,8 @@
 # The GPU check: everything the CUDA path needs verified, in one prepared run of at most 8 minutes on a lent GPU.
 #
 #   make gpu-wheels                       # here, once: .whl/ with DeepSpeed, pydantic and their missing deps
-#   bash benchmarks/gpu_check.sh          # there, with .whl carried (no network needed)
-#   bash benchmarks/gpu_check.sh --cpu-dry-run   # here: the same steps at tiny sizes on CPU (no sanitizer)
+#   bash scripts/gpu_check.sh          # there, with .whl carried (no network needed)
+#   bash scripts/gpu_check.sh --cpu-dry-run   # here: the same steps at tiny sizes on CPU (no sanitizer)
 #
 # Steps, in order, each with a time limit, each printing one line "N name: PASS|FAIL|SKIP (S s)":
 #   1 env        install .whl/ (pip --no-index --find-links .whl), report GPU, driver, torch, CUDA, versions

@@ -1,7 +1,7 @@
 """How coverage trades against precision in `metric-ds pseudo-label`, per method and threshold, on the
 limited-labelling study's draws.
 
-For one draw of ``benchmarks/limited_labels.py`` (its ``pl_input`` and ``gold`` tables must exist), embed every
+For one draw of ``benchmarks/studies/limited_labels.py`` (its ``pl_input`` and ``gold`` tables must exist), embed every
 row once with the bundled MiniLM or a trained run's ``best/`` (cached beside the draw), then run both methods over
 a grid of thresholds with the package's own functions (:mod:`metric_ds.pseudo_label`). Each setting reports:
 
@@ -13,7 +13,7 @@ a grid of thresholds with the package's own functions (:mod:`metric_ds.pseudo_la
 Choose a setting on the estimate, never on the true column: the true column exists only to show how far the
 estimate can be trusted. Writes ``benchmarks/results/pseudo_sweep.{md,json}`` (one section per draw and model).
 
-    python benchmarks/pseudo_sweep.py --k 10 --draw 0 [--model demo_runs/limited/k10_draw0/runs/c/best]
+    python benchmarks/studies/pseudo_sweep.py --k 10 --draw 0 [--model demo_runs/limited/k10_draw0/runs/c/best]
 """
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def sweep(k: int, draw: int, model: Path | None) -> dict:
 def render(results: dict) -> str:
     pct = lambda v: "" if v is None else f"{100 * v:.1f}"  # noqa: E731
     lines = ["# Pseudo-label coverage against precision", "",
-             "`python benchmarks/pseudo_sweep.py`: each draw of the limited-labelling study, embedded once, labelled "
+             "`python benchmarks/studies/pseudo_sweep.py`: each draw of the limited-labelling study, embedded once, labelled "
              "by both methods of `metric-ds pseudo-label` over a grid of thresholds (min_labelled 2, 20% of the "
              "labelled rows held out for the estimate). *Estimated* needs no gold label (what a user can choose "
              "on); *true* reads the hidden gold labels after the fact and must never be used to choose.", ""]
