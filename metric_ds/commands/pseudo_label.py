@@ -15,18 +15,25 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
+from metric_ds.commands.arguments import add_field_argument
 from metric_ds.config import schema_field
 from metric_ds.data.io import read_table, table_format
 from metric_ds.data.prepare import write_table
-from metric_ds.commands.arguments import add_field_argument
-from metric_ds.pseudo_label import Settings, embed_texts, format_summary, load_embedder, pseudo_label_frame, split_labelled
+from metric_ds.pseudo_label import (
+    Settings,
+    embed_texts,
+    format_summary,
+    load_embedder,
+    pseudo_label_frame,
+    split_labelled,
+)
 from metric_ds.pseudo_label.settings import flag
 
 # A round-2 model has trained on the labelled rows that the estimate holds out: they sit nearer their class than
 # unseen rows do, and the estimate leans high (measured against gold labels: benchmarks/results/limited_labels.md).
 TRAINED_MODEL_CAVEAT = ("optimistic: --model was trained on these labelled rows, so the held-out ones sit nearer "
-                        "their class than unlabelled rows do (BANKING77, round 2: 6 to 15 points above the true "
-                        "precision)")
+                        "their class than unlabelled rows do (how far above the true precision on BANKING77: "
+                        "benchmarks/results/limited_labels.md)")
 
 
 class Options(Settings):
