@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from metric_ds.errors import UserError, read_mapping
 
@@ -540,3 +541,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML."""
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def schema_field(key: str) -> FieldInfo:
+    """The schema's field at a dotted key path, e.g. ``schema_field("metric_validation.knn_k")``: its type,
+    default (``.get_default(call_default_factory=True)``) and constraints, for the command line to read instead of
+    restating them."""
+    model: Any = Config
+    *sections, name = key.split(".")
+    for section in sections:
+        model = model.model_fields[section].annotation
+    return model.model_fields[name]

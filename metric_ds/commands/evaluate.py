@@ -124,3 +124,31 @@ def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
     print(format_results(results))
     print(f"wrote {output}")
     return results
+
+
+# ---------------------------------------------------------------------------------------------- the parser
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """The ``evaluate`` parser; ``--recall-at-k``, ``--knn-k`` and ``--distance`` are ``metric_validation``'s
+    (:mod:`metric_ds.config`), as in validation during training."""
+    from metric_ds.commands.arguments import add_field_argument
+    from metric_ds.config import schema_field
+
+    sp = subparsers.add_parser("evaluate", help="evaluate an exported model on a prepared table")
+    sp.add_argument("--model", required=True, help="an export folder, e.g. RUN_DIR/best")
+    sp.add_argument("--data", required=True, help="a prepared table to evaluate on")
+    sp.add_argument("--bank-data", default=None, help="table to build the retrieval bank from "
+                    "(default: the model's training file)")
+    sp.add_argument("--output", default=None, help="JSON file for the results (default: MODEL/eval/NAME.json)")
+    sp.add_argument("--batch-size", type=int, default=128)
+    sp.add_argument("--max-seq-length", type=int, default=None)
+    add_field_argument(sp, "--recall-at-k", schema_field("metric_validation.recall_at_k"))
+    add_field_argument(sp, "--knn-k", schema_field("metric_validation.knn_k"))
+    add_field_argument(sp, "--distance", schema_field("metric_validation.distance"))
+    sp.add_argument("--device", default=None, help="cuda, cpu... (default: the GPU when there is one)")
+    sp.set_defaults(fn=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    evaluate_command(args)

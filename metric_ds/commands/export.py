@@ -59,3 +59,19 @@ def export(source: str | Path, fmt: str, output: str | Path) -> Path:
 def export_command(args: argparse.Namespace) -> None:
     folder = export(args.source, args.format, args.output)
     print(f"exported {folder} as {args.format}: {args.output}")
+
+
+# ---------------------------------------------------------------------------------------------- the parser
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    sp = subparsers.add_parser("export", help="export a model for sentence-transformers (st) or ONNX Runtime (onnx)")
+    sp.add_argument("source", metavar="RUN_OR_MODEL", help="a run folder (its best/ is exported) or an export folder")
+    sp.add_argument("--format", required=True, choices=list(FORMATS),
+                    help="st: a sentence-transformers folder; onnx: model.onnx with the tokenizer beside it")
+    sp.add_argument("--output", required=True, help="a new (or empty) folder")
+    sp.set_defaults(fn=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    export_command(args)

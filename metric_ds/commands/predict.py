@@ -142,3 +142,38 @@ def embed_command(args: argparse.Namespace) -> None:
                     writer.write(chunk.assign(embedding=pd.Series(column, dtype=pd.ArrowDtype(column.type))))
                 bar.update(int((~ok).sum()))
     job.report("embedding (null in Parquet, NaN in .npy)")
+
+
+# ---------------------------------------------------------------------------------------------- the parser
+
+
+def add_inference_arguments(sp: argparse.ArgumentParser, outputs: str) -> None:
+    """The arguments that ``predict`` and ``embed`` share; ``outputs`` says which output files there are."""
+    from metric_ds.inference import DEFAULT_BATCH_SIZE
+
+    sp.add_argument("--model", required=True, help="a run's best/ folder (or the run folder)")
+    sp.add_argument("--input", required=True, help="table of texts (.parquet, .csv or .jsonl); every column is kept")
+    sp.add_argument("--output", required=True, help=f"output file ({outputs}), written only when complete")
+    sp.add_argument("--text-column", default="text")
+    sp.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="texts per forward pass")
+    sp.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_ROWS,
+                    help="rows read, tokenised and written at a time")
+    sp.add_argument("--device", default=None, help="cuda, cuda:1, cpu... (default: the GPU when there is one)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """The ``predict`` parser; ``--knn-k`` and ``--distance`` are ``metric_validation``'s (:mod:`metric_ds.config`)."""
+    from metric_ds.commands.arguments import add_field_argument
+    from metric_ds.config import schema_field
+
+    sp = subparsers.add_parser("predict", help="classify the texts of a table with a trained model")
+    add_inference_arguments(sp, ".parquet, .csv or .jsonl")
+    sp.add_argument("--top-k", type=int, default=1, help="also write the K best labels and their probabilities")
+    sp.add_argument("--bank-data", default=None, help="labelled table (text, label): add knn_label, a k-NN vote")
+    add_field_argument(sp, "--knn-k", schema_field("metric_validation.knn_k"))
+    add_field_argument(sp, "--distance", schema_field("metric_validation.distance"))
+    sp.set_defaults(fn=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    predict_command(args)

@@ -13,72 +13,104 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field, field_validator
+
+from metric_ds.commands.arguments import add_field_argument
+from metric_ds.config import schema_field
 from metric_ds.data.io import read_table, table_format
 from metric_ds.data.prepare import write_table
-from metric_ds.errors import UserError
-from metric_ds.pseudo_label import Settings, embed_texts, format_summary, load_embedder, pseudo_label_frame, split_labelled
-
+from metric_ds.pseudo_label import (
+    Settings,
+    embed_texts,
+    format_summary,
+    load_embedder,
+    pseudo_label_frame,
+    split_labelled,
+)
+from metric_ds.pseudo_label.settings import flag
 
 # A round-2 model has trained on the labelled rows that the estimate holds out: they sit nearer their class than
-# unseen rows do. Measured on BANKING77 (benchmarks/results/limited_labels.md): round 2, the trained model,
-# estimated 94.3% against a true 88.6% and 100% against 86.9% (k = 10, two draws) and 100% against 85.0% (k = 5);
-# round 1 (frozen MiniLM) was within 7 points either way.
+# unseen rows do, and the estimate leans high (measured against gold labels: benchmarks/results/limited_labels.md).
 TRAINED_MODEL_CAVEAT = ("optimistic: --model was trained on these labelled rows, so the held-out ones sit nearer "
-                        "their class than unlabelled rows do (BANKING77, round 2: 6 to 15 points above the true "
-                        "precision)")
+                        "their class than unlabelled rows do (how far above the true precision on BANKING77: "
+                        "benchmarks/results/limited_labels.md)")
 
 
-def pseudo_label(input: str | Path, output: str | Path, model: str | Path | None = None,
-                 settings: Settings | None = None, summary_path: str | Path | None = None, batch_size: int = 128,
-                 max_seq_length: int = 128, device: str | None = None) -> dict[str, Any]:
+class Options(Settings):
+    """The command line of ``metric-ds pseudo-label``: the pseudo-labelling settings plus the input, the outputs
+    and the embedding. Every field is the flag of the same name; every bad value is reported at once."""
+
+    input: str = Field(description="table with text and label; an empty label marks an unlabelled row")
+    output: str = Field(description="the training table to write (.parquet, .csv or .jsonl)")
+    model: str | None = Field(None, description="embedding model: a run's best/ folder or an encoder folder "
+                                                "(default: the bundled all-MiniLM-L6-v2)")
+    summary: str | None = Field(None, description="also write the summary to this JSON file")
+    batch_size: int = Field(128, ge=1, description="embedding batch size")
+    max_seq_length: int = Field(schema_field("training.max_seq_length").default, ge=2,
+                                description="embedding truncation length")
+
+    @field_validator("output")
+    @classmethod
+    def _known_table_format(cls, path: str) -> str:
+        table_format(path)  # a UserError naming the path and the formats there are
+        return path
+
+    @field_validator("summary")
+    @classmethod
+    def _json_summary(cls, path: str | None) -> str | None:
+        if path is not None and Path(path).suffix.lower() != ".json":
+            raise ValueError(f"{path}: give a .json file")
+        return path
+
+    def settings(self) -> Settings:
+        """The pseudo-labelling settings alone (what the summary records as ``thresholds``)."""
+        return Settings(**self.thresholds())
+
+
+# the flags in the order ``--help`` lists them
+FLAGS = ("input", "output", "model", *Settings.model_fields, "summary", "batch_size", "max_seq_length")
+
+
+def pseudo_label(options: Options, device: str | None = None) -> dict[str, Any]:
     """Read, embed, pseudo-label, write. See :mod:`metric_ds.pseudo_label` for the methods.
 
     Returns:
         The summary.
 
     Raises:
-        UserError: bad options, an unreadable or unusable input table, or a model that cannot be loaded;
-            nothing is written then.
+        UserError: an unreadable or unusable input table, or a model that cannot be loaded; nothing is written
+            then. (Bad options are refused earlier, when ``options`` is made.)
     """
-    settings = settings or Settings()
-    problems = settings.problems()
-    for flag, path in (("--output", output), ("--summary", summary_path)):
-        if path is None:
-            continue
-        if flag == "--output":
-            try:
-                table_format(path)
-            except UserError as exc:
-                problems.append(f"--output {exc.messages[0]}")
-        elif Path(path).suffix.lower() != ".json":
-            problems.append(f"--summary {path}: give a .json file")
-    if batch_size < 1 or max_seq_length < 2:
-        problems.append(f"--batch-size must be >= 1 and --max-seq-length >= 2, got {batch_size} and {max_seq_length}")
-    if problems:
-        raise UserError(problems)
-    df = read_table(input)
-    y, classes = split_labelled(df, str(input), settings)
-    embedder = load_embedder(model)
-    x = embed_texts(embedder, df["text"].tolist(), batch_size, max_seq_length, device)
+    settings = options.settings()
+    df = read_table(options.input)
+    y, classes = split_labelled(df, options.input, settings)
+    embedder = load_embedder(options.model)
+    x = embed_texts(embedder, df["text"].tolist(), options.batch_size, options.max_seq_length, device)
     table, summary = pseudo_label_frame(df, x, y, classes, settings)
-    summary["model"] = "bundled all-MiniLM-L6-v2" if model is None else str(model)
+    summary["model"] = "bundled all-MiniLM-L6-v2" if options.model is None else options.model
     if embedder.kind == "export":
         summary["estimated_precision"]["caveat"] = TRAINED_MODEL_CAVEAT
-    summary["input"], summary["output"] = str(input), str(output)
-    write_table(table, output)
-    if summary_path is not None:
-        Path(summary_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(summary_path).write_text(json.dumps(summary, indent=2))
+    summary["input"], summary["output"] = options.input, options.output
+    write_table(table, options.output)
+    if options.summary is not None:
+        Path(options.summary).parent.mkdir(parents=True, exist_ok=True)
+        Path(options.summary).write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def pseudo_label_command(args: argparse.Namespace) -> dict[str, Any]:
-    settings = Settings(method=args.method, k_multiple=args.k_multiple, min_purity=args.min_purity,
-                        min_labelled=args.min_labelled, neighbours=args.neighbours, margin=args.margin,
-                        metric_mask=args.metric_mask, holdout_fraction=args.holdout_fraction,
-                        labelled_share=args.labelled_share, seed=args.seed)
-    summary = pseudo_label(args.input, args.output, args.model, settings, args.summary, args.batch_size,
-                           args.max_seq_length)
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """The ``pseudo-label`` parser: every flag, its type, choices, default and help, read from :class:`Options`."""
+    sp = subparsers.add_parser(
+        "pseudo-label", help="label unlabelled rows from clusters or neighbours of the labelled ones")
+    for name in FLAGS:
+        field = Options.model_fields[name]
+        add_field_argument(sp, flag(name), field, help=field.description)
+    sp.set_defaults(fn=run)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    options = Options(**{name: getattr(args, name) for name in FLAGS})
+    summary = pseudo_label(options)
     print(format_summary(summary))
-    print(f"wrote {args.output}" + (f" and {args.summary}" if args.summary else ""))
+    print(f"wrote {options.output}" + (f" and {options.summary}" if options.summary else ""))
     return summary

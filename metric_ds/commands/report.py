@@ -1,0 +1,18 @@
+"""``metric-ds report RUN_DIR``: plots and an HTML report of a run (see :mod:`metric_ds.report`)."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    sp = subparsers.add_parser("report", help="plots and an HTML report of a run")
+    sp.add_argument("run_dir", help="the run folder (checkpoints_dir/run_name)")
+    sp.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report)")
+    sp.set_defaults(fn=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from metric_ds.report import build_report
+
+    path = build_report(args.run_dir, args.out)
+    print(f"report: {path}")

@@ -1,0 +1,67 @@
+"""The output of pseudo-labelling: the training table that ``metric-ds train`` reads as it is.
+
+Labelled rows get ``classifier_mask = 1`` (and ``metric_mask = 1``); pseudo-labelled rows get
+``classifier_mask = 0, metric_mask = 1``, so that they serve only SupCon; ``source`` (``labelled``/``pseudo``) and
+``confidence`` columns say where each label came from.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from metric_ds.pseudo_label.assign import Assignment
+from metric_ds.pseudo_label.settings import Settings
+
+
+def repeat_labelled(table: pd.DataFrame, share: float) -> tuple[pd.DataFrame, int]:
+    """Repeat the labelled rows (``classifier_mask = 1``) r times so that they make up about ``share`` of the
+    table: every random batch then holds labelled rows and the classifier gets enough updates, while SupCon
+    still sees every pseudo-labelled row once per epoch.
+
+    Returns:
+        ``(table, r)``: the labelled rows r times (r >= 1), then the other rows.
+    """
+    lab = table[table["classifier_mask"] == 1]
+    rest = table[table["classifier_mask"] != 1]
+    r = max(1, round(share * len(rest) / ((1 - share) * len(lab)))) if len(lab) else 1
+    return pd.concat([lab] * r + [rest], ignore_index=True), r
+
+
+def output_table(texts: np.ndarray, y: np.ndarray, result: Assignment, classes: list,
+                 settings: Settings) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The training table: labelled rows first (``settings.labelled_share`` repeating them, see
+    :func:`repeat_labelled`), then pseudo-labelled rows, each in input order.
+
+    Args:
+        texts: text per row, shape (N,).
+        y: class id per row, -1 for unlabelled, shape (N,).
+        result: the pseudo-labels of the unlabelled rows.
+        classes: class names by id.
+        settings: ``metric_mask`` (``labelled`` leaves the pseudo-labelled rows out) and ``labelled_share``.
+
+    Returns:
+        ``(table, counts)``: the table (``text``, ``label``, ``metric_mask``, ``classifier_mask``, ``source``,
+        ``confidence``) and the summary's counts of what it holds (``written``, ``pseudo_written``,
+        ``labelled_repeat``, ``left_out_by_metric_mask``).
+    """
+    lab, pseudo = np.flatnonzero(y >= 0), np.flatnonzero(result.labels >= 0)
+    names = np.array(classes, dtype=object)
+    parts = [pd.DataFrame({"text": texts[lab], "label": names[y[lab]],
+                           "metric_mask": 1, "classifier_mask": 1, "source": "labelled", "confidence": 1.0})]
+    if settings.metric_mask == "labelled":
+        # as in `prepare --metric-mask labelled`: SupCon on the labelled rows only, so a pseudo-labelled row
+        # would take part in neither loss and is left out
+        left_out, pseudo_written = len(pseudo), 0
+    else:
+        parts.append(pd.DataFrame({"text": texts[pseudo], "label": names[result.labels[pseudo]],
+                                   "metric_mask": 1, "classifier_mask": 0, "source": "pseudo",
+                                   "confidence": result.confidence[pseudo]}))
+        left_out, pseudo_written = 0, len(pseudo)
+    table = pd.concat(parts, ignore_index=True)
+    repeat = 1
+    if settings.labelled_share is not None:
+        table, repeat = repeat_labelled(table, settings.labelled_share)
+    if all(isinstance(c, int) for c in classes):
+        table["label"] = table["label"].astype("int64")
+    return table, {"written": int(len(table)), "pseudo_written": pseudo_written, "labelled_repeat": repeat,
+                   "left_out_by_metric_mask": left_out}
