@@ -13,18 +13,18 @@ import metric_ds
 from metric_ds.data.collate import length_sorted_batches
 from metric_ds.errors import UserError
 from metric_ds.evaluator import ShardedBatches
-from metric_ds.inference import MetricModel
+from metric_ds.inference import LoadedModel
 
 TEXTS = ["card", "refund please now", "", "transfer transfer transfer transfer transfer atm cash fee top up",
          "pin lost", "exchange fee account lost card please help me", "atm"]
 
 
 @pytest.fixture(scope="module")
-def model(tiny_run) -> MetricModel:
+def model(tiny_run) -> LoadedModel:
     return metric_ds.load(tiny_run / "best", device="cpu", batch_size=2)
 
 
-def one_by_one(model: MetricModel, texts: list[str]):
+def one_by_one(model: LoadedModel, texts: list[str]):
     """The model's outputs text by text, with no batching and no padding: the reference for order."""
     out = {"logits": [], "h": [], "z": []}
     for t in texts:
