@@ -29,7 +29,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from metric_ds.artifact import load_model, read_labels, read_max_seq_length, read_training_table, resolve_model_folder
+from metric_ds.artifact import (
+    load_model,
+    read_labels,
+    read_max_seq_length,
+    read_training_table,
+    resolve_model_folder,
+)
 from metric_ds.data.io import load_frame
 from metric_ds.data.labels import LabelMap
 from metric_ds.encode import encode, pick_device

@@ -10,15 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_frame
 from test_train import run
 
+from metric_ds.artifact import load_model, save_model
 from metric_ds.cli import main
 from metric_ds.data.labels import LabelMap
 from metric_ds.errors import EnvironmentProblem
 from metric_ds.export import ONNX_FILE, require
-from metric_ds.artifact import load_model, save_model
 from metric_ds.model import MetricClassifier
 
 REPO = Path(__file__).resolve().parent.parent

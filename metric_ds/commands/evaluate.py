@@ -15,7 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from metric_ds.artifact import load_model, read_labels, read_max_seq_length, read_training_table, resolve_model_folder
+from metric_ds.artifact import (
+    load_model,
+    read_labels,
+    read_max_seq_length,
+    read_training_table,
+    resolve_model_folder,
+)
 from metric_ds.data.io import read_table
 from metric_ds.data.labels import LabelMap, unseen_labels
 from metric_ds.data.validation import validate_frame
