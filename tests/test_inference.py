@@ -151,3 +151,16 @@ def test_evaluate_gives_the_same_outputs_sorted_or_not(tiny_run, model):
     assert torch.equal(a["index"], torch.arange(30))
     for key in ("logits", "z", "labels"):
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5)
+
+
+def test_old_names_still_import_with_a_deprecation_warning():
+    import metric_ds.inference as inference
+
+    assert metric_ds.LoadedModel is LoadedModel and metric_ds.ReferenceSet is inference.ReferenceSet
+    with pytest.warns(DeprecationWarning, match="use LoadedModel"):
+        assert metric_ds.MetricModel is LoadedModel
+    with pytest.warns(DeprecationWarning, match="use ReferenceSet"):
+        from metric_ds.inference import Bank
+    assert Bank is inference.ReferenceSet
+    with pytest.raises(AttributeError):
+        metric_ds.nothing_here  # noqa: B018
