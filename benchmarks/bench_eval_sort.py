@@ -20,10 +20,11 @@ import torch
 
 def build_export(out: Path, data: Path) -> Path:
     """Prepare ``data`` with ``metric-ds prepare`` and export the untrained MiniLM with heads for its labels."""
+    from metric_ds.artifact import save_model
     from metric_ds.data.io import read_table
     from metric_ds.data.labels import LabelMap
     from metric_ds.data.prepare import prepare
-    from metric_ds.model import MetricClassifier, export_model, load_encoder
+    from metric_ds.model import MetricClassifier, load_encoder
 
     table = out / "test.parquet"
     prepare(data, table, text_column="text", label_column="category")
@@ -31,7 +32,7 @@ def build_export(out: Path, data: Path) -> Path:
     encoder, tokenizer = load_encoder(None)
     torch.manual_seed(0)
     model = MetricClassifier(encoder, label_map.num_classes)
-    export_model(model.state_dict(), model, tokenizer, out / "best", {"labels.json": label_map.to_json()})
+    save_model(out / "best", model, tokenizer, label_map=label_map)
     return table
 
 

@@ -5,7 +5,7 @@
 
 The model is the bundled all-MiniLM-L6-v2 as BANKING77 trains it (mean pooling, no projection, 77 classes,
 max_seq_length 64) with untrained heads: throughput does not depend on the weights' values. It is exported once
-with ``metric_ds.model.export_model`` and ``metric_ds.export.export_onnx`` into a temporary folder. Each
+with ``metric_ds.artifact.save_model`` and ``metric_ds.export.export_onnx`` into a temporary folder. Each
 (provider, batch size) runs in a fresh process on the first ``--texts`` sentences of ``test.csv`` in file order
 (so batches mix lengths, padded to their longest), tokenisation included, both outputs (logits and embedding)
 computed; one rep is one pass over those texts, and texts/s = texts / the pass's wall time. Results:
@@ -35,15 +35,16 @@ BANKING77 = Path(os.environ.get("BANKING77_DIR", HERE.parent / "data" / "banking
 
 def build_exports(work: Path) -> tuple[Path, Path]:
     """The untrained MiniLM classifier as an export folder and as ONNX."""
+    from metric_ds.artifact import save_model
     from metric_ds.data.labels import LabelMap
     from metric_ds.export import export_onnx
-    from metric_ds.model import MetricClassifier, export_model, load_encoder
+    from metric_ds.model import MetricClassifier, load_encoder
 
     encoder, tokenizer = load_encoder(None)
     torch.manual_seed(0)
     model = MetricClassifier(encoder, NUM_CLASSES, "mean", None).eval()
-    export_model(model.state_dict(), model, tokenizer, work / "best", max_seq_length=MAX_SEQ_LENGTH,
-                 extra_files={"labels.json": LabelMap(range(NUM_CLASSES)).to_json()})
+    save_model(work / "best", model, tokenizer, label_map=LabelMap(range(NUM_CLASSES)),
+               config={"training": {"max_seq_length": MAX_SEQ_LENGTH}})
     diffs = export_onnx(work / "best", work / "onnx", max_seq_length=MAX_SEQ_LENGTH)
     print(f"exported; ONNX Runtime vs PyTorch: {diffs}", flush=True)
     return work / "best", work / "onnx"
@@ -54,9 +55,9 @@ def _predict_fn(case: dict):
     from transformers import AutoTokenizer
 
     if case["provider"] == "pytorch":
-        from metric_ds.model import load_exported
+        from metric_ds.artifact import load_model
 
-        model, tokenizer = load_exported(case["best"])
+        model, tokenizer = load_model(case["best"])
 
         def run(texts: list[str]):
             enc = tokenizer(texts, padding=True, truncation=True, max_length=MAX_SEQ_LENGTH, return_tensors="pt")

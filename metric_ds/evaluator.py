@@ -1,8 +1,8 @@
 """Validation: run the model over a split and compute classification, loss and retrieval metrics.
 
 The split is sharded over ranks (each rank embeds every W-th batch); the outputs are gathered back in row
-order, so every rank computes the same metrics as a single process would. The evaluator is separate from the
-loop, so ``metric-ds evaluate`` reuses it on an exported model.
+order, so every rank computes the same metrics as a single process would. Batches are planned and run as
+:mod:`metric_ds.encode` does for one process (``metric-ds evaluate``, ``metric_ds.load``).
 """
 from __future__ import annotations
 
@@ -14,11 +14,10 @@ import torch
 
 from metric_ds import distributed as D
 from metric_ds import ops
-from metric_ds.data.collate import length_sorted_batches
+from metric_ds.encode import OUTPUTS, forward_batch, row_batches
 from metric_ds.metrics import accuracy, macro_f1, retrieval_metrics
-from metric_ds.model import model_inputs
 
-OUTPUT_KEYS = ("logits", "h", "z", "labels", "classifier_mask", "metric_mask", "index")
+OUTPUT_KEYS = (*OUTPUTS, "labels", "classifier_mask", "metric_mask", "index")
 
 
 class ShardedBatches:
@@ -32,12 +31,9 @@ class ShardedBatches:
 
     def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1,
                  lengths: Sequence[int] | None = None):
-        if lengths is not None:
-            if len(lengths) != n:
-                raise ValueError(f"ShardedBatches: {len(lengths)} lengths for {n} rows")
-            self.batches = length_sorted_batches(lengths, batch_size)
-        else:
-            self.batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+        if lengths is not None and len(lengths) != n:
+            raise ValueError(f"ShardedBatches: {len(lengths)} lengths for {n} rows")
+        self.batches = row_batches(n, batch_size, lengths)
         per_rank = math.ceil(len(self.batches) / world_size) if self.batches else 0
         self.mine = [self.batches[b] if b < len(self.batches) else []
                      for b in range(rank, per_rank * world_size, world_size)]
@@ -67,12 +63,11 @@ def collect_outputs(module: torch.nn.Module, batches: Iterable[dict[str, torch.T
     for batch in batches:
         empty = batch["index"].numel() == 0
         run = dummy if empty else batch
-        out = module(**model_inputs(run, device))
+        out = forward_batch(module, run, device)
         if empty:
             continue
-        parts["logits"].append(out.logits.float())
-        parts["h"].append(out.h.float())
-        parts["z"].append(out.z.float())
+        for key in OUTPUTS:
+            parts[key].append(out[key])
         for key in ("labels", "classifier_mask", "metric_mask", "index"):
             parts[key].append(batch[key].to(device))
     module.train(was_training)
@@ -83,11 +78,8 @@ def collect_outputs(module: torch.nn.Module, batches: Iterable[dict[str, torch.T
     for key in OUTPUT_KEYS:
         value = local[key]
         if value is None:
-            like = {"logits": (0, module.classifier.out_features), "h": (0, module.classifier.in_features),
-                    "z": (0, (module.projection.out_features if module.projection is not None
-                              else module.classifier.in_features))}.get(key, (0,))
-            dtype = torch.float32 if key in ("logits", "h", "z") else (
-                torch.bool if key.endswith("mask") else torch.int64)
+            like = (0, module.output_dims()[key]) if key in OUTPUTS else (0,)
+            dtype = torch.float32 if key in OUTPUTS else (torch.bool if key.endswith("mask") else torch.int64)
             value = torch.zeros(like, dtype=dtype, device=device)
         result[key] = D.gather_rows(value, sizes, with_grad=False)
     order = torch.argsort(result["index"])

@@ -1,20 +1,25 @@
-"""Use a trained model: ``metric_ds.load(path)`` returns a :class:`MetricModel` that predicts, embeds and votes.
+"""Use a trained model: ``metric_ds.load(path)`` returns a :class:`LoadedModel` that predicts, embeds and votes.
 
     import metric_ds
 
     model = metric_ds.load("runs/example/best")       # a run's best/, any export, or the run folder itself
     model.predict(["I lost my card"], top_k=3)         # labels as trained (str or int), probabilities
     model.embed(["I lost my card"])                    # (N, D) float32, the SupCon embedding, unit norm
-    bank = model.build_bank(texts, labels)             # or model.bank_from_table("data/train.parquet")
+    bank = model.build_bank(texts, labels)             # a ReferenceSet; or model.bank_from_table(path)
     model.knn(["I lost my card"], bank, k=10)          # majority vote of the 10 nearest bank rows
 
-Every call tokenises its texts once, runs them in batches of similar length (longest first, so padding costs
-little; outputs come back in input order), under ``torch.inference_mode`` on ``device`` (a GPU when there is
-one), truncating at the ``max_seq_length`` the model was trained with, with a progress bar for large inputs.
+Every call runs its texts through :func:`metric_ds.encode.encode` (tokenised once, batches of similar length,
+outputs in input order, a progress bar for large inputs) on ``device`` (a GPU when there is one), truncating at
+the ``max_seq_length`` the model was trained with.
+
+``LoadedModel`` (what ``load`` returns) wraps a :class:`~metric_ds.model.MetricClassifier` (the ``nn.Module``);
+``ReferenceSet`` (the labelled texts k-NN votes with) is not training's ring buffer
+(:class:`~metric_ds.bank.EmbeddingBank`). The old names ``MetricModel`` and ``Bank`` still import, with a
+deprecation warning.
 """
 from __future__ import annotations
 
-import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,19 +28,24 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 
-from metric_ds.data.collate import Collator, length_sorted_batches
+from metric_ds.artifact import (
+    load_model,
+    read_labels,
+    read_max_seq_length,
+    read_training_table,
+    resolve_model_folder,
+)
 from metric_ds.data.io import load_frame
 from metric_ds.data.labels import LabelMap
+from metric_ds.encode import encode, pick_device
 from metric_ds.errors import UserError
 from metric_ds.metrics import knn_search, knn_vote
-from metric_ds.model import HEADS_META, MetricClassifier, load_exported
-from metric_ds.progress import progress_bar
+from metric_ds.model import MetricClassifier
 
 DEFAULT_BATCH_SIZE = 64
-PROGRESS_MIN_ROWS = 1000  # show a progress bar from this many texts on (show_progress=None)
-DEFAULT_MAX_SEQ_LENGTH = 128  # training.max_seq_length's default, for exports without their config
+# old name -> new name, importable with a DeprecationWarning
+DEPRECATED_NAMES = {"MetricModel": "LoadedModel", "Bank": "ReferenceSet"}
 
 
 @dataclass
@@ -45,7 +55,7 @@ class Predictions:
     Shape:
         labels: N original labels (``str`` or ``int``, as in ``labels.json``); scores: (N,) the predicted
         label's probability; top_k_labels: N lists of k labels, best first; top_k_scores: (N, k);
-        probabilities: (N, C), columns in ``MetricModel.labels`` order.
+        probabilities: (N, C), columns in ``LoadedModel.labels`` order.
     """
 
     labels: list[Any]
@@ -56,8 +66,8 @@ class Predictions:
 
 
 @dataclass
-class Bank:
-    """Embedded labelled texts to vote with (:meth:`MetricModel.knn`).
+class ReferenceSet:
+    """Embedded labelled texts to vote with (:meth:`LoadedModel.knn`); formerly ``Bank``.
 
     Shape:
         z: (N, Dz) unit-norm SupCon embeddings (``distance="cos"``); h: (N, Dh) pooled embeddings
@@ -89,30 +99,6 @@ class KnnResult:
     neighbour_scores: np.ndarray
 
 
-def resolve_export(path: str | Path) -> Path:
-    """The export folder at ``path``: the folder itself, or its ``best/`` (a run folder).
-
-    Raises:
-        UserError: ``path`` is missing or holds no export.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such model folder; give a run's best/ folder (e.g. runs/example/best)")
-    for folder in (path, path / "best"):
-        if (folder / HEADS_META).is_file():
-            if not (folder / "labels.json").is_file():
-                raise UserError(f"{folder}: has no labels.json, so predictions could not be named; "
-                                "use a folder written by metric-ds train (a run's best/)")
-            return folder
-    raise UserError(f"{path} is not a metric_ds export: it has no {HEADS_META} (give a run's best/ folder, "
-                    "or the run folder that holds it)")
-
-
-def default_device() -> torch.device:
-    """The first GPU when there is one, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def check_texts(texts: Any, source: str = "texts") -> list[str]:
     """``texts`` as a list of strings (a single string is one text).
 
@@ -133,29 +119,31 @@ def check_texts(texts: Any, source: str = "texts") -> list[str]:
     return texts
 
 
-class MetricModel:
-    """A loaded export: the encoder, its heads, its tokenizer and its labels, on one device.
+@dataclass(eq=False, repr=False)
+class LoadedModel:
+    """A loaded model folder: the encoder, its heads, its tokenizer and its labels, on one device (formerly
+    ``MetricModel``).
 
     Args:
-        model: the classifier in eval mode.
+        model: the classifier (moved to ``device``, in eval mode).
         tokenizer: its tokenizer.
         label_map: the classifier's labels (``labels.json``).
         max_seq_length: truncation length, in tokens.
         device: where the model runs.
         batch_size: texts per forward pass.
-        folder: the export it came from.
+        folder: the model folder it came from.
     """
 
-    def __init__(self, model: MetricClassifier, tokenizer: Any, label_map: LabelMap, max_seq_length: int,
-                 device: torch.device, batch_size: int = DEFAULT_BATCH_SIZE, folder: Path | None = None):
-        self.model = model.to(device).eval()
-        self.tokenizer = tokenizer
-        self.label_map = label_map
-        self.max_seq_length = max_seq_length
-        self.device = device
-        self.batch_size = batch_size
-        self.folder = folder
-        self._collate = Collator(tokenizer)
+    model: MetricClassifier
+    tokenizer: Any
+    label_map: LabelMap
+    max_seq_length: int
+    device: torch.device
+    batch_size: int = DEFAULT_BATCH_SIZE
+    folder: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.model = self.model.to(self.device).eval()
 
     @property
     def labels(self) -> list[Any]:
@@ -165,56 +153,30 @@ class MetricModel:
     @property
     def embedding_dim(self) -> int:
         """Size of the SupCon embedding ``z``."""
-        proj = self.model.projection
-        return proj.out_features if proj is not None else self.model.classifier.in_features
+        return self.model.output_dims()["z"]
 
     def __repr__(self) -> str:
-        return (f"MetricModel({self.folder}, {self.label_map.num_classes} labels, device={self.device}, "
+        return (f"LoadedModel({self.folder}, {self.label_map.num_classes} labels, device={self.device}, "
                 f"max_seq_length={self.max_seq_length})")
 
     # ------------------------------------------------------------------------------------------ forward
 
-    @torch.inference_mode()
     def forward(self, texts: Any, batch_size: int | None = None, show_progress: bool | None = None,
                 bar: Any = None) -> dict[str, torch.Tensor]:
-        """Run the model over ``texts`` in length-sorted batches; outputs in input order, on the CPU, fp32.
+        """Run the model over ``texts`` (:func:`metric_ds.encode.encode`); outputs in input order, on the CPU, fp32.
 
         Args:
             texts: strings.
             batch_size: texts per forward (default: the model's ``batch_size``).
-            show_progress: a progress bar; ``None``: from :data:`PROGRESS_MIN_ROWS` texts on.
+            show_progress: a progress bar; ``None``: from :data:`metric_ds.encode.PROGRESS_MIN_ROWS` texts on.
             bar: an outer progress bar to advance instead (the CLI's, over a whole file).
 
         Returns:
             ``logits`` (N, C), ``h`` (N, Dh), ``z`` (N, Dz).
         """
-        texts = check_texts(texts)
-        n = len(texts)
-        if n == 0:
-            c, dh = self.model.classifier.out_features, self.model.classifier.in_features
-            return {"logits": torch.zeros(0, c), "h": torch.zeros(0, dh), "z": torch.zeros(0, self.embedding_dim)}
-        enc = self.tokenizer(texts, truncation=True, max_length=self.max_seq_length, return_attention_mask=False)
-        keys = [k for k in ("input_ids", "token_type_ids") if k in enc]
-        batches = length_sorted_batches([len(ids) for ids in enc["input_ids"]], batch_size or self.batch_size)
-        own = bar is None
-        if own:
-            enabled = n >= PROGRESS_MIN_ROWS if show_progress is None else show_progress
-            bar = progress_bar(n, "inference", unit="texts", enabled=enabled)
-        out: dict[str, torch.Tensor] = {}
-        try:
-            for rows in batches:
-                batch = self._collate([{**{k: enc[k][i] for k in keys}, "index": i} for i in rows])
-                result = self.model(**{k: v.to(self.device) for k, v in batch.items() if k != "index"})
-                for name in ("logits", "h", "z"):
-                    value = getattr(result, name).float().cpu()
-                    if name not in out:
-                        out[name] = torch.empty((n, value.shape[1]), dtype=torch.float32)
-                    out[name][batch["index"]] = value
-                bar.update(len(rows))
-        finally:
-            if own:
-                bar.close()
-        return out
+        return encode(self.model, self.tokenizer, check_texts(texts), self.max_seq_length,
+                      batch_size or self.batch_size, self.device, show_progress=show_progress, bar=bar,
+                      desc="inference")
 
     # ---------------------------------------------------------------------------------------------- api
 
@@ -265,8 +227,9 @@ class MetricModel:
         return vec.numpy()
 
     def build_bank(self, texts: Any, labels: Sequence[Any], batch_size: int | None = None,
-                   show_progress: bool | None = None) -> Bank:
-        """Embed labelled texts into a :class:`Bank` for :meth:`knn` (any labels, not only the classifier's)."""
+                   show_progress: bool | None = None) -> ReferenceSet:
+        """Embed labelled texts into a :class:`ReferenceSet` for :meth:`knn` (any labels, not only the
+        classifier's)."""
         texts = check_texts(texts)
         labels = list(labels.tolist() if isinstance(labels, (pd.Series, np.ndarray)) else labels)
         if len(labels) != len(texts):
@@ -276,12 +239,12 @@ class MetricModel:
         except ValueError as exc:
             raise UserError(f"build_bank: {exc}") from None
         out = self.forward(texts, batch_size, show_progress)
-        return Bank(z=out["z"], h=out["h"], label_ids=torch.from_numpy(label_map.encode(labels)),
+        return ReferenceSet(z=out["z"], h=out["h"], label_ids=torch.from_numpy(label_map.encode(labels)),
                     label_map=label_map)
 
     def bank_from_table(self, table: Any = None, text_column: str = "text", label_column: str = "label",
-                        batch_size: int | None = None, show_progress: bool | None = None) -> Bank:
-        """A :class:`Bank` of a labelled table's rows (those with ``metric_mask = 1`` if it has that column).
+                        batch_size: int | None = None, show_progress: bool | None = None) -> ReferenceSet:
+        """A :class:`ReferenceSet` of a labelled table's rows (those with ``metric_mask = 1`` if it has that column).
 
         Args:
             table: a path (Parquet, CSV, JSONL) or a DataFrame; ``None``: the training table recorded in the
@@ -289,10 +252,9 @@ class MetricModel:
             text_column, label_column: the columns to read.
         """
         if table is None:
-            meta = self.folder / "training_data.json" if self.folder is not None else None
-            if meta is None or not meta.is_file():
+            table = read_training_table(self.folder) if self.folder is not None else None
+            if table is None:
                 raise UserError("this export records no training table: pass a table or build_bank(texts, labels)")
-            table = json.loads(meta.read_text())["train"]
         df = load_frame(table)
         source = str(table) if not isinstance(table, pd.DataFrame) else "DataFrame"
         missing = [c for c in (text_column, label_column) if c not in df.columns]
@@ -305,7 +267,7 @@ class MetricModel:
         return self.build_bank(check_texts(df[text_column], f"{source}: column {text_column}"),
                                df[label_column].tolist(), batch_size, show_progress)
 
-    def knn(self, texts: Any, bank: Bank | None = None, k: int = 10, distance: str = "cos",
+    def knn(self, texts: Any, bank: ReferenceSet | None = None, k: int = 10, distance: str = "cos",
             batch_size: int | None = None, show_progress: bool | None = None, bar: Any = None) -> KnnResult:
         """Label ``texts`` by a majority vote of their ``k`` nearest bank rows.
 
@@ -335,21 +297,12 @@ class MetricModel:
                          neighbours=idx.cpu().numpy(), neighbour_scores=scores.cpu().numpy())
 
 
-def read_max_seq_length(folder: Path) -> int:
-    """``training.max_seq_length`` from the export's ``metric_ds_config.yaml`` (128 when it has none)."""
-    path = folder / "metric_ds_config.yaml"
-    if not path.is_file():
-        return DEFAULT_MAX_SEQ_LENGTH
-    cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    return int((cfg.get("training") or {}).get("max_seq_length") or DEFAULT_MAX_SEQ_LENGTH)
-
-
 def load(path: str | Path, device: str | torch.device | None = None, max_seq_length: int | None = None,
-         batch_size: int = DEFAULT_BATCH_SIZE) -> MetricModel:
+         batch_size: int = DEFAULT_BATCH_SIZE) -> LoadedModel:
     """Load a trained model for prediction and embedding.
 
     Args:
-        path: a run's ``best/`` (any folder written by :func:`metric_ds.model.export_model`), or the run folder.
+        path: a run's ``best/`` (any folder written by :func:`metric_ds.artifact.save_model`), or the run folder.
         device: ``"cuda"``, ``"cpu"``, ``"cuda:1"``...; default: the GPU when there is one.
         max_seq_length: truncation length; default: the one the model was trained with.
         batch_size: texts per forward pass.
@@ -357,10 +310,17 @@ def load(path: str | Path, device: str | torch.device | None = None, max_seq_len
     Raises:
         UserError: ``path`` is not an export.
     """
-    folder = resolve_export(path)
-    model, tokenizer = load_exported(folder)
-    device = default_device() if device is None else torch.device(device)
+    folder = resolve_model_folder(path)
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
-    return MetricModel(model, tokenizer, LabelMap.load(folder / "labels.json"),
-                       max_seq_length or read_max_seq_length(folder), device, batch_size, folder)
+    model, tokenizer = load_model(folder)
+    return LoadedModel(model, tokenizer, read_labels(folder), max_seq_length or read_max_seq_length(folder),
+                       pick_device(device), batch_size, folder)
+
+
+def __getattr__(name: str) -> Any:
+    if name in DEPRECATED_NAMES:
+        new = DEPRECATED_NAMES[name]
+        warnings.warn(f"metric_ds.inference.{name} is deprecated: use {new}", DeprecationWarning, stacklevel=2)
+        return globals()[new]
+    raise AttributeError(f"module 'metric_ds.inference' has no attribute {name!r}")

@@ -3,13 +3,11 @@
 ``h = pool(encoder(x))`` is the sentence vector; ``logits = Linear(dropout(h))`` on the *un-normalised* ``h``;
 the SupCon embedding is ``z = normalize(h)``, or ``normalize(proj(h))`` when ``model.projection_dim`` is set.
 
-An export (``best/``) is a standard HF folder: the encoder as safetensors with its config and tokenizer
-(``transformers.AutoModel.from_pretrained(folder)`` loads it without metric_ds), plus ``heads.safetensors`` and
-``heads.json`` for the classifier and projection, and ``labels.json``.
+This module is the ``nn.Module`` code only; saving and loading a model folder (a run's ``best/``) is
+:mod:`metric_ds.artifact`.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,14 +15,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from metric_ds.errors import UserError
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-HEADS_WEIGHTS = "heads.safetensors"
-HEADS_META = "heads.json"
 
 
 def default_model_path() -> str:
@@ -120,6 +115,16 @@ def model_inputs(batch: dict[str, torch.Tensor], device: torch.device | None = N
     return {k: (batch[k] if device is None else batch[k].to(device)) for k in MODEL_INPUTS if k in batch}
 
 
+def mean_pool(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The attention-masked mean of token states (padding left out).
+
+    Shape:
+        states: (B, L, H); attention_mask: (B, L); returns (B, H) in ``states``' dtype.
+    """
+    mask = attention_mask.unsqueeze(-1).to(states.dtype)
+    return (states * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+
+
 @dataclass
 class ModelOutput:
     """What one forward pass gives.
@@ -171,8 +176,7 @@ class MetricClassifier(nn.Module):
             if getattr(out, "pooler_output", None) is None:
                 raise UserError("model.pooling: this encoder has no pooler output; use mean or cls")
             return out.pooler_output
-        mask = attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
-        return (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+        return mean_pool(out.last_hidden_state, attention_mask)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
@@ -186,7 +190,14 @@ class MetricClassifier(nn.Module):
         z = F.normalize(e.float(), dim=-1)
         return ModelOutput(logits=logits, h=h, z=z)
 
+    def output_dims(self) -> dict[str, int]:
+        """The width of each output: ``logits`` C, ``h`` hidden, ``z`` projection_dim (or hidden)."""
+        hidden = self.classifier.in_features
+        z = self.projection.out_features if self.projection is not None else hidden
+        return {"logits": self.classifier.out_features, "h": hidden, "z": z}
+
     def heads_meta(self) -> dict[str, Any]:
+        """The constructor arguments of the heads (saved as ``heads.json`` in a model folder)."""
         return {
             "pooling": self.pooling,
             "num_classes": self.num_classes,
@@ -194,52 +205,3 @@ class MetricClassifier(nn.Module):
             "classifier_dropout": self.classifier_dropout,
         }
 
-
-def export_model(
-    state_dict: dict[str, torch.Tensor], model: MetricClassifier, tokenizer: Any, out_dir: str | Path,
-    extra_files: dict[str, Any] | None = None, max_seq_length: int | None = None,
-) -> None:
-    """Write an HF-format export of ``model`` using the (possibly ZeRO-3-gathered) ``state_dict``.
-
-    Args:
-        state_dict: full weights, keys as in ``model.state_dict()``.
-        model: gives the encoder's config and the heads' layout.
-        tokenizer: saved beside the encoder.
-        out_dir: the folder (created; the caller makes the write atomic).
-        extra_files: ``name -> JSON-able data`` written as ``name`` (e.g. labels.json, metrics.json).
-        max_seq_length: the training truncation length, for the sentence-transformers files.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    enc_sd = {k[len("encoder."):]: v.detach().cpu().contiguous() for k, v in state_dict.items()
-              if k.startswith("encoder.")}
-    model.encoder.save_pretrained(out, state_dict=enc_sd, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    heads = {k: v.detach().cpu().contiguous() for k, v in state_dict.items() if not k.startswith("encoder.")}
-    save_file(heads, str(out / HEADS_WEIGHTS))
-    (out / HEADS_META).write_text(json.dumps(model.heads_meta(), indent=2))
-    for name, data in (extra_files or {}).items():
-        (out / name).write_text(json.dumps(data, indent=2, default=str))
-    from metric_ds.export import write_sentence_transformers
-
-    write_sentence_transformers(out, max_seq_length)
-
-
-def load_exported(folder: str | Path, attn_implementation: str = "sdpa") -> tuple[MetricClassifier, Any]:
-    """Load an export written by :func:`export_model` (e.g. a run's ``best/``).
-
-    Returns:
-        ``(model, tokenizer)`` with the model in eval mode.
-    """
-    folder = Path(folder)
-    if not (folder / HEADS_META).is_file():
-        raise UserError(f"{folder} is not a metric_ds export: it has no {HEADS_META} (expected a run's best/ folder)")
-    meta = json.loads((folder / HEADS_META).read_text())
-    encoder, tokenizer = load_encoder(str(folder), attn_implementation)
-    model = MetricClassifier(encoder, meta["num_classes"], meta["pooling"], meta["projection_dim"],
-                             meta.get("classifier_dropout", 0.0))
-    missing, unexpected = model.load_state_dict(load_file(str(folder / HEADS_WEIGHTS)), strict=False)
-    if unexpected or any(not k.startswith("encoder.") for k in missing):
-        raise UserError(f"{folder / HEADS_WEIGHTS}: heads do not match {HEADS_META}: missing {missing}, "
-                        f"unexpected {unexpected}")
-    return model.eval(), tokenizer

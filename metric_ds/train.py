@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from metric_ds import distributed as D
 from metric_ds import run_folder
+from metric_ds.artifact import save_model
 from metric_ds.bank import EmbeddingBank
 from metric_ds.checkpoint import (
     DS_TAG,
@@ -59,7 +60,7 @@ from metric_ds.evaluator import ShardedBatches, collect_outputs, compute_metrics
 from metric_ds.grad_cache import accumulated_step
 from metric_ds.losses import JointLoss, LossTerms, TermWindow
 from metric_ds.metrics import lower_is_better
-from metric_ds.model import MetricClassifier, export_model, load_encoder, model_inputs
+from metric_ds.model import MetricClassifier, load_encoder, model_inputs
 from metric_ds.preflight import preflight
 from metric_ds.progress import progress_bar
 from metric_ds.resume_check import check_resume
@@ -557,12 +558,9 @@ class Trainer:
         state_dict = self._full_state_dict()
         if D.is_main():
             def write(folder: Path) -> None:
-                export_model(state_dict, self.engine.module, self.tokenizer, folder, extra_files={
-                    "labels.json": self.label_map.to_json(),
-                    "metrics.json": {"step": self.state.global_step, **record},
-                    "training_data.json": {"train": str(Path(self.cfg.data.train_path).resolve())},
-                }, max_seq_length=self.cfg.training.max_seq_length)
-                save_config(self.cfg, folder / "metric_ds_config.yaml")
+                save_model(folder, self.engine.module, self.tokenizer, label_map=self.label_map, state_dict=state_dict,
+                           config=self.cfg, metrics={"step": self.state.global_step, **record},
+                           train_table=self.cfg.data.train_path)
 
             try:
                 run_folder.swap_in_best(self.run_dir, write)

@@ -13,11 +13,12 @@ import torch
 import yaml
 from conftest import make_frame, run
 
+from metric_ds.artifact import load_model, save_model
 from metric_ds.cli import main
 from metric_ds.data.labels import LabelMap
 from metric_ds.errors import EnvironmentProblem
 from metric_ds.export import ONNX_FILE, require
-from metric_ds.model import MetricClassifier, export_model, load_exported
+from metric_ds.model import MetricClassifier
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_LEN = 16
@@ -32,15 +33,14 @@ def make_export(out: Path, model_dir: Path, pooling: str = "mean", projection_di
 
     torch.manual_seed(1)
     model = MetricClassifier(AutoModel.from_pretrained(model_dir), len(LABELS), pooling, projection_dim).eval()
-    export_model(model.state_dict(), model, AutoTokenizer.from_pretrained(model_dir), out,
-                 extra_files={"labels.json": LabelMap(LABELS).to_json()}, max_seq_length=MAX_LEN)
-    (out / "metric_ds_config.yaml").write_text(yaml.safe_dump({"training": {"max_seq_length": MAX_LEN}}))
+    save_model(out, model, AutoTokenizer.from_pretrained(model_dir), label_map=LabelMap(LABELS),
+               config={"training": {"max_seq_length": MAX_LEN}})
     return out
 
 
 def reference(folder: Path, texts: list[str] = TEXTS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """metric_ds's own (logits, h, z) of ``texts`` with the export's model, truncated at MAX_LEN."""
-    model, tokenizer = load_exported(folder)
+    model, tokenizer = load_model(folder)
     enc = tokenizer(texts, padding=True, truncation=True, max_length=MAX_LEN, return_tensors="pt")
     with torch.no_grad():
         out = model(**enc)
@@ -83,7 +83,7 @@ def test_sentence_transformers_gives_z(tmp_path, tiny_model_dir, pooling, projec
 
 def test_a_pooler_sentence_transformers_cannot_reproduce_is_left_out_or_refused(tmp_path, tiny_model_dir, capsys):
     """Training must not fail on it: best/ keeps id2label without the layout; the st export refuses it."""
-    from metric_ds.export import write_sentence_transformers
+    from metric_ds.artifact import write_sentence_transformers
 
     best = make_export(tmp_path / "best", tiny_model_dir, "pooler")
     (best / "modules.json").unlink()

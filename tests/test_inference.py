@@ -13,18 +13,18 @@ import metric_ds
 from metric_ds.data.collate import length_sorted_batches
 from metric_ds.errors import UserError
 from metric_ds.evaluator import ShardedBatches
-from metric_ds.inference import MetricModel
+from metric_ds.inference import LoadedModel
 
 TEXTS = ["card", "refund please now", "", "transfer transfer transfer transfer transfer atm cash fee top up",
          "pin lost", "exchange fee account lost card please help me", "atm"]
 
 
 @pytest.fixture(scope="module")
-def model(tiny_run) -> MetricModel:
+def model(tiny_run) -> LoadedModel:
     return metric_ds.load(tiny_run / "best", device="cpu", batch_size=2)
 
 
-def one_by_one(model: MetricModel, texts: list[str]):
+def one_by_one(model: LoadedModel, texts: list[str]):
     """The model's outputs text by text, with no batching and no padding: the reference for order."""
     out = {"logits": [], "h": [], "z": []}
     for t in texts:
@@ -151,3 +151,16 @@ def test_evaluate_gives_the_same_outputs_sorted_or_not(tiny_run, model):
     assert torch.equal(a["index"], torch.arange(30))
     for key in ("logits", "z", "labels"):
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5)
+
+
+def test_old_names_still_import_with_a_deprecation_warning():
+    import metric_ds.inference as inference
+
+    assert metric_ds.LoadedModel is LoadedModel and metric_ds.ReferenceSet is inference.ReferenceSet
+    with pytest.warns(DeprecationWarning, match="use LoadedModel"):
+        assert metric_ds.MetricModel is LoadedModel
+    with pytest.warns(DeprecationWarning, match="use ReferenceSet"):
+        from metric_ds.inference import Bank
+    assert Bank is inference.ReferenceSet
+    with pytest.raises(AttributeError):
+        metric_ds.nothing_here  # noqa: B018

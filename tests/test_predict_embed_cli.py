@@ -11,7 +11,7 @@ from conftest import make_frame
 
 import metric_ds
 from metric_ds.cli import main
-from metric_ds.inference import MetricModel
+from metric_ds.inference import LoadedModel
 
 WRITERS = {".parquet": lambda df, p: df.to_parquet(p), ".csv": lambda df, p: df.to_csv(p, index=False),
            ".jsonl": lambda df, p: df.to_json(p, orient="records", lines=True)}
@@ -23,7 +23,7 @@ def read(path: Path) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def model(tiny_run) -> MetricModel:
+def model(tiny_run) -> LoadedModel:
     return metric_ds.load(tiny_run / "best", device="cpu")
 
 
@@ -98,13 +98,13 @@ def test_embed_h_without_normalising(tmp_path, tiny_run, model):
 
 def test_tables_are_streamed_in_chunks(tmp_path, tiny_run, monkeypatch):
     seen: list[int] = []
-    forward = MetricModel.forward
+    forward = LoadedModel.forward
 
     def spy(self, texts, *args, **kwargs):
         seen.append(len(texts))
         return forward(self, texts, *args, **kwargs)
 
-    monkeypatch.setattr(MetricModel, "forward", spy)
+    monkeypatch.setattr(LoadedModel, "forward", spy)
     src = tmp_path / "in.parquet"
     make_frame(50).to_parquet(src)
     assert main(["predict", "--model", str(tiny_run), "--input", str(src), "--output", str(tmp_path / "o.csv"),
@@ -121,7 +121,7 @@ BAD = {
     "empty_file": ("in.csv", "", "out.parquet", "the file is empty"),
     "header_only": ("in.csv", "text,label\n", "out.parquet", "the table has no rows"),
     "missing_input": ("in.csv", None, "out.parquet", "file not found"),
-    "not_an_export": ("in.csv", make_frame(10), "out.parquet", "is not a metric_ds export"),
+    "not_an_export": ("in.csv", make_frame(10), "out.parquet", "neither a metric_ds export"),
     "unknown_input_extension": ("in.xlsx", "x", "out.parquet", "unknown table extension '.xlsx'"),
     "unknown_output_extension": ("in.csv", make_frame(10), "out.txt", "unknown output extension '.txt'"),
     "output_is_input": ("in.parquet", make_frame(10), "in.parquet", "is the input file"),

@@ -82,14 +82,13 @@ def prepare(data_dir: Path, name: str, options: list[str], seed: int) -> tuple[P
 def linear_probe(model_dir: Path, train: Path, test: Path) -> dict[str, float]:
     """Softmax regression on the frozen SupCon embeddings of train.csv, scored on test.csv."""
     from metric_ds.data.io import read_table
-    from metric_ds.data.labels import LabelMap
     from metric_ds.data.validation import validate_frame
     from metric_ds.commands.evaluate import embed_table
     from metric_ds.metrics import accuracy, macro_f1
-    from metric_ds.model import load_exported
+    from metric_ds.artifact import load_model, read_labels
 
-    model, tok = load_exported(model_dir)
-    lm = LabelMap.load(model_dir / "labels.json")
+    model, tok = load_model(model_dir)
+    lm = read_labels(model_dir)
     out = {}
     for split, path in (("train", train), ("test", test)):
         df = validate_frame(read_table(path), str(path))

@@ -12,18 +12,22 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-import yaml
 
-from metric_ds.data.collate import Collator, TextDataset
+from metric_ds.artifact import (
+    load_model,
+    read_labels,
+    read_max_seq_length,
+    read_training_table,
+    resolve_model_folder,
+)
 from metric_ds.data.io import read_table
 from metric_ds.data.labels import LabelMap, unseen_labels
 from metric_ds.data.validation import validate_frame
+from metric_ds.encode import encode, pick_device
 from metric_ds.errors import UserError
-from metric_ds.evaluator import ShardedBatches, collect_outputs
 from metric_ds.metrics import accuracy, confusion_pairs, macro_f1, per_class_f1, retrieval_metrics
-from metric_ds.inference import default_device
-from metric_ds.model import load_exported
 
 
 def _encode(df: Any, label_map: LabelMap, source: str) -> Any:
@@ -37,17 +41,22 @@ def _encode(df: Any, label_map: LabelMap, source: str) -> Any:
 
 def embed_table(model: torch.nn.Module, tokenizer: Any, df: Any, max_seq_length: int, batch_size: int,
                 device: torch.device | None = None, length_sorted: bool = True) -> dict[str, torch.Tensor]:
-    """Run the model over every row of a validated, encoded table (outputs in row order).
+    """Run the model over every row of a validated, encoded table (:func:`metric_ds.encode.encode`).
 
     Args:
         device: where ``model`` is (default: the CPU).
         length_sorted: batch rows of similar length together (less padding; the order is restored).
+
+    Returns:
+        on ``device``, in row order: ``logits``, ``h``, ``z``, and the table's ``labels`` (its ``label_id``),
+        ``classifier_mask``, ``metric_mask``, ``index`` (0..N-1).
     """
-    dataset = TextDataset.from_frame(df, tokenizer, max_seq_length)
-    collator = Collator(tokenizer)
-    batches = ShardedBatches(len(dataset), batch_size, lengths=dataset.lengths if length_sorted else None)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collator)
-    return collect_outputs(model, loader, device or torch.device("cpu"))
+    device = device or torch.device("cpu")
+    out = encode(model, tokenizer, df["text"].tolist(), max_seq_length, batch_size, device,
+                 length_sorted=length_sorted, show_progress=False)
+    rows = {"labels": torch.tensor(df["label_id"].to_numpy(np.int64)), "index": torch.arange(len(df)),
+            **{k: torch.tensor(df[k].to_numpy().astype(bool)) for k in ("classifier_mask", "metric_mask")}}
+    return {k: v.to(device) for k, v in {**out, **rows}.items()}
 
 
 def evaluate(model_dir: str | Path, data: str | Path, bank_data: str | Path | None = None, batch_size: int = 128,
@@ -56,18 +65,16 @@ def evaluate(model_dir: str | Path, data: str | Path, bank_data: str | Path | No
              length_sorted: bool = True) -> dict[str, Any]:
     """Evaluate an export on a table (on ``device``, default the GPU when there is one); returns the JSON-able
     results."""
-    model_dir = Path(model_dir)
+    model_dir = resolve_model_folder(model_dir)
     if bank_data is not None and not Path(bank_data).is_file():
         raise UserError(f"--bank-data: {bank_data} does not exist; give a prepared table to build the retrieval "
                         "bank from, or leave --bank-data out to use the model's training file")
-    device = default_device() if device is None else torch.device(device)
-    model, tokenizer = load_exported(model_dir)
+    device = pick_device(device)
+    model, tokenizer = load_model(model_dir)
     model.to(device)
-    label_map = LabelMap.load(model_dir / "labels.json")
-    cfg_path = model_dir / "metric_ds_config.yaml"
-    train_cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
+    label_map = read_labels(model_dir)
     if max_seq_length is None:
-        max_seq_length = int(train_cfg.get("training", {}).get("max_seq_length", 128))
+        max_seq_length = read_max_seq_length(model_dir)
     df = _encode(validate_frame(read_table(data), str(data)), label_map, str(data))
     out = embed_table(model, tokenizer, df, max_seq_length, batch_size, device, length_sorted)
     names = label_map.names
@@ -83,8 +90,7 @@ def evaluate(model_dir: str | Path, data: str | Path, bank_data: str | Path | No
         results["confusion_pairs"] = [[str(names[a]), str(names[b]), int(c)]
                                       for a, b, c in confusion_pairs(y, p, top=20)]
     if bank_data is None:
-        meta = model_dir / "training_data.json"
-        bank_data = json.loads(meta.read_text())["train"] if meta.is_file() else None
+        bank_data = read_training_table(model_dir)
         if bank_data is not None and not Path(bank_data).is_file():
             warnings.warn(f"retrieval metrics skipped: the model's training file {bank_data} is gone; pass "
                           "--bank-data to build the bank from another table", stacklevel=2)

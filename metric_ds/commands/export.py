@@ -1,7 +1,8 @@
 """``metric-ds export RUN_OR_MODEL --format st|onnx --output DIR``: a copy of a model for other tools.
 
 ``st`` copies the export (encoder, tokenizer, heads, labels, config) and (re)writes its sentence-transformers
-files; ``onnx`` writes ``model.onnx`` with the tokenizer and labels beside it (see :mod:`metric_ds.export`).
+files (:mod:`metric_ds.st_layout`); ``onnx`` writes ``model.onnx`` with the tokenizer and labels beside it (see
+:mod:`metric_ds.export`).
 The output folder appears whole or not at all: it is built beside its destination and renamed into place.
 """
 from __future__ import annotations
@@ -10,8 +11,9 @@ import argparse
 import shutil
 from pathlib import Path
 
+from metric_ds.artifact import resolve_model_folder, write_sentence_transformers
 from metric_ds.errors import UserError
-from metric_ds.export import export_onnx, resolve_export, training_max_seq_length, write_sentence_transformers
+from metric_ds.export import export_onnx
 
 FORMATS = ("st", "onnx")
 
@@ -37,13 +39,13 @@ def export(source: str | Path, fmt: str, output: str | Path) -> Path:
         raise UserError(f"--format {fmt!r}: unknown export format; use one of {', '.join(FORMATS)}")
     output = Path(output)
     _check_output(output)
-    folder = resolve_export(source)
+    folder = resolve_model_folder(source)
     tmp = output.parent / f".tmp-{output.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         if fmt == "st":
             shutil.copytree(folder, tmp, ignore=shutil.ignore_patterns("eval"))
-            write_sentence_transformers(tmp, training_max_seq_length(folder), strict=True)
+            write_sentence_transformers(tmp, strict=True)
         else:
             diffs = export_onnx(folder, tmp)
             print("ONNX Runtime vs PyTorch, largest difference: "

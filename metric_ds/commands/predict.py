@@ -18,10 +18,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from metric_ds.artifact import resolve_model_folder
 from metric_ds.data.io import table_format
 from metric_ds.data.stream import NpyWriter, TableWriter, atomic_output, iter_chunks, output_format, scan_table
 from metric_ds.errors import UserError, format_rows
-from metric_ds.inference import MetricModel, load, resolve_export
+from metric_ds.inference import LoadedModel, load
 from metric_ds.progress import progress_bar
 
 log = logging.getLogger("metric_ds")
@@ -36,7 +37,7 @@ class Job:
     output: Path
     out_format: str
     rows: int
-    model: MetricModel
+    model: LoadedModel
     text_column: str
     chunk_rows: int
     empty_rows: list[int] = field(default_factory=list)  # first few, 0-based
@@ -72,7 +73,7 @@ def prepare_job(args: argparse.Namespace, formats: tuple[str, ...]) -> Job:
         raise UserError(f"--output {out} is the input file; write to another file")
     if args.batch_size < 1 or args.chunk_size < 1:
         raise UserError(f"--batch-size and --chunk-size must be >= 1, got {args.batch_size} and {args.chunk_size}")
-    folder = resolve_export(args.model)
+    folder = resolve_model_folder(args.model)
     rows = scan_table(inp, args.text_column)
     model = load(folder, device=args.device, batch_size=args.batch_size)
     return Job(inp, out, out_format, rows, model, args.text_column, args.chunk_size)
@@ -125,7 +126,7 @@ def embed_command(args: argparse.Namespace) -> None:
     (``.parquet``) or as an (N, D) float32 matrix in input order (``.npy``; NaN rows for rows without text)."""
     job = prepare_job(args, ("parquet", "npy"))
     model = job.model
-    dim = model.embedding_dim if args.which == "z" else model.model.classifier.in_features
+    dim = model.model.output_dims()[args.which]
     with atomic_output(job.output) as tmp, progress_bar(job.rows, "embed", unit="rows") as bar:
         writer = NpyWriter(tmp, job.rows, dim) if job.out_format == "npy" else TableWriter(tmp, "parquet")
         with writer:

@@ -24,20 +24,22 @@ class TextEmbedder:
         """Unit-norm embeddings, shape (B, dim), float32."""
         import torch.nn.functional as F
 
+        from metric_ds.model import mean_pool
+
         if self.kind == "export":
             return self.model(input_ids, attention_mask, extra.get("token_type_ids")).z
         states = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(states.dtype)
-        return F.normalize(((states * mask).sum(1) / mask.sum(1).clamp_min(1e-9)).float(), dim=-1)
+        return F.normalize(mean_pool(states, attention_mask).float(), dim=-1)
 
 
 def load_embedder(model: str | Path | None) -> TextEmbedder:
     """The bundled MiniLM (``None``), a metric_ds export (a folder with ``heads.json``, e.g. ``RUN/best``), or
     any local HF encoder folder (mean pooling)."""
-    from metric_ds.model import HEADS_META, load_encoder, load_exported
+    from metric_ds.artifact import HEADS_META, load_model
+    from metric_ds.model import load_encoder
 
     if model is not None and (Path(model) / HEADS_META).is_file():
-        net, tok = load_exported(model)
+        net, tok = load_model(model)
         return TextEmbedder(net, tok, "export")
     net, tok = load_encoder(None if model is None else str(model))
     return TextEmbedder(net.eval(), tok, "encoder")
@@ -45,35 +47,18 @@ def load_embedder(model: str | Path | None) -> TextEmbedder:
 
 def embed_texts(model: TextEmbedder, texts: list[str], batch_size: int = 128, max_seq_length: int = 128,
                 device: Any = None) -> np.ndarray:
-    """Embed texts in batches, with a progress bar, on the GPU when there is one (``device=None``).
-
-    The batching is inference's (:func:`metric_ds.data.collate.length_sorted_batches`, longest first, so a batch
-    that does not fit shows at once and each batch pads little); the output keeps the input order.
+    """Embed texts with :func:`metric_ds.encode.encode` (length-sorted batches, a progress bar, the GPU when
+    there is one for ``device=None``); the output keeps the input order.
 
     Returns:
         float32 array, shape (N, dim), rows of unit norm.
     """
     import torch
 
-    from metric_ds.data.collate import Collator, length_sorted_batches
-    from metric_ds.progress import progress_bar
+    from metric_ds.encode import encode, pick_device
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(device)
     model.model.to(device).eval()
-    enc = model.tokenizer(list(texts), truncation=True, max_length=max_seq_length, return_attention_mask=False)
-    keys = [k for k in ("input_ids", "token_type_ids") if k in enc]
-    collate = Collator(model.tokenizer)
-    out = torch.empty(0)
-    bar = progress_bar(len(texts), "embedding", unit="texts")
-    try:
-        for rows in length_sorted_batches([len(ids) for ids in enc["input_ids"]], batch_size):
-            batch = collate([{k: enc[k][i] for k in keys} for i in rows])
-            with torch.inference_mode():
-                z = model(**{k: v.to(device) for k, v in batch.items()}).float().cpu()
-            if out.numel() == 0:
-                out = torch.empty(len(texts), z.shape[1])
-            out[torch.as_tensor(rows)] = z
-            bar.update(len(rows))
-    finally:
-        bar.close()
-    return out.numpy()
+    out = encode(model, model.tokenizer, texts, max_seq_length, batch_size, device, show_progress=True,
+                 desc="embedding")
+    return out.get("z", torch.empty(0)).numpy()
