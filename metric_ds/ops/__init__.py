@@ -19,15 +19,12 @@ IMPLS = ("auto", "fused", "reference")
 _warned: set[object] = set()
 
 # ``auto`` uses the reference when the contrast set has fewer rows than this (per device type), because the fused
-# op was measured slower there; above it the fused op is faster and its memory stays linear in the batch.
+# op was measured slower there; above it the fused op is faster and its memory stays linear in the batch. The
+# timings behind each value: benchmarks/results/supcon_threshold_cpu.csv (docs/fused-op.md).
 AUTO_MIN_ROWS: dict[str, int] = {
-    # CPU: measured on this project's 2-core AMD EPYC (torch 2.14.1, fp32, d = 384, one thread, CPU seconds of a
-    # forward + backward, median of 30; benchmarks/results/supcon_threshold_cpu.csv): fused / reference =
-    # 1.9 / 1.5 ms at B = 64, 8.8 / 4.7 ms at 256, 15.6 / 15.5 ms at 512, 53 / 95 ms at 1024.
     "cpu": 512,
-    # CUDA: unmeasured (no GPU has run this code yet). A conservative guess: below 1024 rows the reference's
-    # B x B matrices are at most 16 MiB, and it is plain, well-tested PyTorch. benchmarks/gpu_check.sh step 5
-    # measures the crossover; replace this with the measured B.
+    # CUDA: not measured yet (no GPU has run this code): a conservative guess, below which the reference's B x B
+    # matrices are small. scripts/gpu_check.sh measures the crossover; replace this with the measured B.
     "cuda": 1024,
 }
 
