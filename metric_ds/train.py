@@ -172,7 +172,6 @@ def _build_bank(cfg: Config, model: MetricClassifier, device: torch.device) -> E
                          h_dim=h_dim, keep_last_n_steps=mv.keep_last_n_emb_steps, device=device)
 
 
-
 class Trainer:
     """One training run of ``cfg`` (see the module docstring for the order of events)."""
 
