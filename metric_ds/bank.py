@@ -3,17 +3,21 @@
 It holds, per row, the normalised SupCon embedding ``z`` (for ``cos`` retrieval), the raw pooled embedding
 ``h`` (for ``l2`` retrieval and norm statistics), the label and the optimizer step that added it. Rows added
 at step ``s`` live while ``newest_step - s < keep_last_n_steps``; older rows are evicted on each
-:meth:`add`, and when the buffer is full the oldest rows are overwritten. The retrieval metrics that use it
-live in :mod:`metric_ds.metrics`.
+:meth:`add`, and when the buffer is full the oldest rows are overwritten. The training loop feeds it each step's
+rows of every rank through :meth:`~EmbeddingBank.add_step_rows`; a checkpoint saved under another bank size is
+restored through :func:`migrate_state`. The retrieval metrics that use it, and its health statistics
+(:func:`metric_ds.metrics.embedding_stats`), live in :mod:`metric_ds.metrics`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from metric_ds import distributed as D
 from metric_ds.errors import UserError
-from metric_ds.metrics import alignment, uniformity
+from metric_ds.metrics import embedding_stats
 
 _EMPTY = -1  # ``steps`` value of a slot that holds no live row
 
@@ -103,7 +107,7 @@ class EmbeddingBank:
                 "ptr": self.ptr, "last_step": self.last_step, "keep_last_n_steps": self.keep}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`: exactly when the shape is unchanged, else by re-adding the live rows.
+        """Restore a :meth:`state_dict`: exactly when the shape is unchanged, else through :func:`migrate_state`.
 
         A run resumed with another ``train_bank_steps`` or batch size keeps the newest rows that fit
         and are young enough under the new setting.
@@ -116,85 +120,77 @@ class EmbeddingBank:
             raise UserError(f"the checkpoint's embedding bank holds z of size {z.shape[1]} and h of size "
                             f"{h.shape[1]}, but this model gives {self.z.shape[1]} and {self.h.shape[1]}: "
                             f"resume with the same model and model.projection_dim")
-        if z.shape[0] == self.capacity and int(state.get("keep_last_n_steps", self.keep)) == self.keep:
-            for key in ("z", "h", "labels", "steps"):
-                getattr(self, key).copy_(state[key])
-            self.ptr, self.last_step = int(state["ptr"]), int(state["last_step"])
-            return
-        old_keep = int(state.get("keep_last_n_steps", self.keep))
-        old = EmbeddingBank(z.shape[0], z.shape[1], h.shape[1], old_keep)
+        if z.shape[0] != self.capacity or int(state.get("keep_last_n_steps", self.keep)) != self.keep:
+            state = migrate_state(state, self.capacity, self.keep)
         for key in ("z", "h", "labels", "steps"):
-            getattr(old, key).copy_(state[key])
-        old.ptr, old.last_step = int(state["ptr"]), int(state["last_step"])
-        self.__init__(self.capacity, self.z.shape[1], self.h.shape[1], self.keep, self.device)
-        oz, oh, olab, osteps = old.copy_live_rows()
-        for s in torch.unique(osteps).tolist():  # ascending: oldest first
-            rows = osteps == s
-            self.add(oz[rows], oh[rows], olab[rows], s)
-        self.last_step = max(self.last_step, old.last_step)
-        self.evict_older_than(self.last_step - self.keep + 1)
+            getattr(self, key).copy_(state[key])
+        self.ptr, self.last_step = int(state["ptr"]), int(state["last_step"])
 
     @torch.no_grad()
+    def add_step_rows(self, rows: StepRows, step: int) -> None:
+        """Add one optimizer step's metric rows from every rank, in rank order, so that every rank's bank is the
+        same. The rows and counts that the loss already gathered are reused: only ``h`` is gathered here (and
+        ``z`` and the labels where the loss contrasted this rank's rows only)."""
+        h_m = rows.h.detach()[rows.metric_mask.bool()].float()
+        if D.world_size() > 1 and rows.local:  # the loss gathered no rows
+            z = D.gather_rows(rows.z.float(), rows.sizes, with_grad=False)
+            y = D.gather_rows(rows.labels, rows.sizes, with_grad=False)
+        else:
+            z, y = rows.z.float(), rows.labels
+        self.add(z, D.gather_rows(h_m, rows.sizes, with_grad=False), y, step)
+
     def stats(self, num_classes: int, current_step: int | None = None) -> dict[str, float]:
-        """Health statistics of the bank, keys under ``bank/``. All in O(n d) memory.
-
-        * ``size``: live rows ``n``; ``classes_covered``: classes with at least one row, of ``classes_total``.
-        * ``class_count_min`` / ``_median`` / ``_max``: rows per covered class (the median of an even number
-          of classes is the mean of the two middle counts, as ``numpy.median``).
-        * ``mean_age``: mean over rows of ``current_step - step added`` (``current_step`` defaults to the
-          newest step added).
-        * ``h_norm_mean`` / ``h_norm_std``: mean and population standard deviation of ``||h_i||``.
-        * ``intra_cos``: mean of ``cos(z_i, z_j)`` over all ordered pairs ``i != j`` of the same class, pooled
-          over classes (a class with ``m`` rows weighs ``m (m - 1)``); from per-class sums of unit vectors,
-          ``sum_{i != j} u_i.u_j = ||sum_i u_i||^2 - sum_i ||u_i||^2``.
-        * ``inter_centroid_cos``: mean cosine over ordered pairs of distinct covered classes of their
-          centroids (the mean of each class's normalised ``z``).
-        * ``alignment``: :func:`metric_ds.metrics.alignment` of ``z`` (same-class pairs as positives).
-        * ``uniformity``: :func:`metric_ds.metrics.uniformity` of ``z`` (t = 2).
-
-        A statistic with nothing to average (e.g. ``intra_cos`` when no class has two rows) is left out.
+        """Health statistics of the live rows, keys under ``bank/``: :func:`metric_ds.metrics.embedding_stats`,
+        with ``mean_age``, the mean over rows of ``current_step - step added`` (``current_step`` defaults to the
+        newest step added).
 
         Args:
             num_classes: number of classes of the task (labels are ``0 .. num_classes - 1``).
             current_step: the optimizer step the ages are measured at.
         """
         z, h, labels, steps = self.copy_live_rows()
-        n = int(labels.numel())
-        out: dict[str, float] = {"bank/size": float(n), "bank/classes_total": float(num_classes)}
-        if n == 0:
-            out["bank/classes_covered"] = 0.0
-            return out
-        if int(labels.max()) >= num_classes or int(labels.min()) < 0:
+        if labels.numel() and (int(labels.max()) >= num_classes or int(labels.min()) < 0):
             raise ValueError(f"EmbeddingBank.stats: labels must be in [0, {num_classes}), got "
                              f"[{int(labels.min())}, {int(labels.max())}]")
         current = self.last_step if current_step is None else int(current_step)
-        counts = torch.bincount(labels, minlength=num_classes)
-        covered = counts[counts > 0].double()
-        norms = h.double().norm(dim=1)
-        out.update({
-            "bank/classes_covered": float((counts > 0).sum()),
-            "bank/class_count_min": float(covered.min()),
-            "bank/class_count_median": float(covered.quantile(0.5)),
-            "bank/class_count_max": float(covered.max()),
-            "bank/mean_age": float((current - steps).double().mean()),
-            "bank/h_norm_mean": float(norms.mean()),
-            "bank/h_norm_std": float(norms.std(correction=0)),
-        })
-        unit = torch.nn.functional.normalize(z.double(), dim=1)
-        sums = torch.zeros(num_classes, unit.shape[1], dtype=torch.float64, device=z.device)
-        sums.index_add_(0, labels, unit)
-        c = counts.double()
-        pairs = float((c * (c - 1)).sum())
-        if pairs > 0:  # ||sum_i u_i||^2 - sum_i ||u_i||^2 = sum over ordered pairs i != j of u_i.u_j
-            out["bank/intra_cos"] = float(((sums * sums).sum() - (unit * unit).sum()) / pairs)
-        cent = torch.nn.functional.normalize(sums[counts > 0], dim=1)
-        m = cent.shape[0]
-        if m > 1:
-            total = cent.sum(0)
-            out["bank/inter_centroid_cos"] = float((total @ total - (cent * cent).sum()) / (m * (m - 1)))
-        align = alignment(z, labels)
-        if align == align:  # not NaN
-            out["bank/alignment"] = align
-        if n > 1:
-            out["bank/uniformity"] = uniformity(z)
-        return out
+        stats = embedding_stats(z, h, labels, num_classes, ages=current - steps)
+        return {f"bank/{key}": value for key, value in stats.items()}
+
+
+@dataclass
+class StepRows:
+    """One optimizer step's rows for the bank, as the loss left them (nothing gathered or copied yet).
+
+    Attributes:
+        h: this rank's pooled embeddings of every row; ``metric_mask`` picks the metric rows.
+        metric_mask: this rank's metric mask.
+        z, labels: the loss's contrast rows: every rank's where the loss gathered them, else this rank's.
+        sizes: every rank's metric row count, in rank order.
+        local: the loss contrasted this rank's rows only (``training.supcon_scope: local``).
+    """
+
+    h: torch.Tensor
+    metric_mask: torch.Tensor
+    z: torch.Tensor
+    labels: torch.Tensor
+    sizes: list[int]
+    local: bool
+
+
+def migrate_state(state: dict[str, Any], capacity: int, keep_last_n_steps: int) -> dict[str, Any]:
+    """A bank's :meth:`~EmbeddingBank.state_dict` saved under another capacity or ``keep_last_n_steps``, turned
+    into the state of a bank of ``capacity`` and ``keep_last_n_steps``: its live rows re-added oldest first, so
+    that the newest rows that fit and are young enough under the new setting stay."""
+    z, h = state["z"], state["h"]
+    old = EmbeddingBank(z.shape[0], z.shape[1], h.shape[1], int(state.get("keep_last_n_steps", keep_last_n_steps)))
+    for key in ("z", "h", "labels", "steps"):
+        getattr(old, key).copy_(state[key])
+    old.ptr, old.last_step = int(state["ptr"]), int(state["last_step"])
+    new = EmbeddingBank(capacity, z.shape[1], h.shape[1], keep_last_n_steps)
+    oz, oh, olab, osteps = old.copy_live_rows()
+    for s in torch.unique(osteps).tolist():  # ascending: oldest first
+        rows = osteps == s
+        new.add(oz[rows], oh[rows], olab[rows], s)
+    new.last_step = max(new.last_step, old.last_step)
+    new.evict_older_than(new.last_step - new.keep + 1)
+    return new.state_dict()

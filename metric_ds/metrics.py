@@ -20,7 +20,8 @@ Retrieval (validation rows with ``metric_mask = 1`` are the queries, a database 
   tie goes to the class with the larger summed score, then to the smaller class id.
 
 Geometry (Wang & Isola 2020, "Understanding contrastive representation learning through alignment and
-uniformity on the hypersphere"): :func:`alignment` and :func:`uniformity`.
+uniformity on the hypersphere"): :func:`alignment` and :func:`uniformity`, and :func:`embedding_stats`, the health
+statistics of a set of labelled embeddings (the embedding bank's ``bank/`` record).
 
 Scores and sums accumulate in fp32 or fp64; bf16 inputs are upcast first.
 """
@@ -303,3 +304,69 @@ def uniformity(z: torch.Tensor, t: float = 2.0, max_block: int = 1 << 22) -> flo
         e[torch.arange(b, device=z.device), torch.arange(s, s + b, device=z.device)] = 0.0  # drop i == j
         total += e.sum()
     return float(torch.log(total / (n * (n - 1))))
+
+
+@torch.no_grad()
+def embedding_stats(z: torch.Tensor, h: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                    ages: torch.Tensor | None = None) -> dict[str, float]:
+    """Health statistics of labelled embeddings, in O(n d) memory.
+
+    * ``size``: rows ``n``; ``classes_covered``: classes with at least one row, of ``classes_total``.
+    * ``class_count_min`` / ``_median`` / ``_max``: rows per covered class (the median of an even number
+      of classes is the mean of the two middle counts, as ``numpy.median``).
+    * ``mean_age``: mean of ``ages`` (only when given).
+    * ``h_norm_mean`` / ``h_norm_std``: mean and population standard deviation of ``||h_i||``.
+    * ``intra_cos``: mean of ``cos(z_i, z_j)`` over all ordered pairs ``i != j`` of the same class, pooled
+      over classes (a class with ``m`` rows weighs ``m (m - 1)``); from per-class sums of unit vectors,
+      ``sum_{i != j} u_i.u_j = ||sum_i u_i||^2 - sum_i ||u_i||^2``.
+    * ``inter_centroid_cos``: mean cosine over ordered pairs of distinct covered classes of their
+      centroids (the mean of each class's normalised ``z``).
+    * ``alignment``: :func:`alignment` of ``z`` (same-class pairs as positives).
+    * ``uniformity``: :func:`uniformity` of ``z`` (t = 2).
+
+    A statistic with nothing to average (e.g. ``intra_cos`` when no class has two rows) is left out.
+
+    Args:
+        z, h: the normalised (SupCon) and the raw pooled embeddings.
+        labels: class ids, in ``[0, num_classes)``.
+        num_classes: number of classes of the task.
+        ages: per row, how many steps ago it was added.
+
+    Shape:
+        z: (n, z_dim); h: (n, h_dim); labels: (n,); ages: (n,).
+    """
+    n = int(labels.numel())
+    out: dict[str, float] = {"size": float(n), "classes_total": float(num_classes)}
+    if n == 0:
+        out["classes_covered"] = 0.0
+        return out
+    counts = torch.bincount(labels, minlength=num_classes)
+    covered = counts[counts > 0].double()
+    norms = h.double().norm(dim=1)
+    out.update({
+        "classes_covered": float((counts > 0).sum()),
+        "class_count_min": float(covered.min()),
+        "class_count_median": float(covered.quantile(0.5)),
+        "class_count_max": float(covered.max()),
+    })
+    if ages is not None:
+        out["mean_age"] = float(ages.double().mean())
+    out.update({"h_norm_mean": float(norms.mean()), "h_norm_std": float(norms.std(correction=0))})
+    unit = torch.nn.functional.normalize(z.double(), dim=1)
+    sums = torch.zeros(num_classes, unit.shape[1], dtype=torch.float64, device=z.device)
+    sums.index_add_(0, labels, unit)
+    c = counts.double()
+    pairs = float((c * (c - 1)).sum())
+    if pairs > 0:  # ||sum_i u_i||^2 - sum_i ||u_i||^2 = sum over ordered pairs i != j of u_i.u_j
+        out["intra_cos"] = float(((sums * sums).sum() - (unit * unit).sum()) / pairs)
+    cent = torch.nn.functional.normalize(sums[counts > 0], dim=1)
+    m = cent.shape[0]
+    if m > 1:
+        total = cent.sum(0)
+        out["inter_centroid_cos"] = float((total @ total - (cent * cent).sum()) / (m * (m - 1)))
+    align = alignment(z, labels)
+    if align == align:  # not NaN
+        out["alignment"] = align
+    if n > 1:
+        out["uniformity"] = uniformity(z)
+    return out

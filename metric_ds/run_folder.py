@@ -8,22 +8,32 @@ its metrics log kept to one history, and ``best/`` swapped in so that a reader n
   wrote after its last checkpoint and the resumed run writes again.
 * ``best/`` is replaced through ``.tmp-best`` (written in full, then marked complete) and ``.old-best``; a kill
   between the two renames is repaired when the folder is next opened or ``best/`` is next loaded.
+* ``summary.json`` closes a run (:func:`run_summary`): its steps, best metric and throughput, and every rank's
+  digest of its bank and last validation record (:func:`rank_digests`), which must agree. A run resumed after
+  it finished reads it back instead of training (:func:`read_summary`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+import torch
+
+from metric_ds import distributed as D
+from metric_ds.checkpoint import write_atomic
 from metric_ds.errors import UserError
 
 BEST, TMP_BEST, OLD_BEST = "best", ".tmp-best", ".old-best"
 COMPLETE = ".complete"  # written last into .tmp-best: the export is whole
 METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
 # What a run leaves in its folder; anything else there (a user's notes) does not make the folder "a run".
-RUN_FILES = ("config.yaml", "labels.json", METRICS, "summary.json", "checkpoints", BEST, TMP_BEST, OLD_BEST)
+RUN_FILES = ("config.yaml", "labels.json", METRICS, SUMMARY, "checkpoints", BEST, TMP_BEST, OLD_BEST)
 
 
 def writable_problem(path: Path, what: str) -> str | None:
@@ -130,3 +140,56 @@ def open_resumed(run_dir: Path, step: int) -> None:
     tmp = path.with_name(f".{METRICS}.tmp")
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def rank_digests(bank_rows: Sequence[torch.Tensor] | None, last_val: dict[str, float]) -> list[dict[str, str]]:
+    """A hash of the bank's rows (in order) and of the last validation record, from every rank (a collective)."""
+    h = hashlib.sha256()
+    for t in bank_rows or ():
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    mine = {"bank": h.hexdigest()[:16],
+            "val": hashlib.sha256(json.dumps(last_val, sort_keys=True).encode()).hexdigest()[:16]}
+    if not D.is_dist():
+        return [mine]
+    out: list = [None] * D.world_size()
+    torch.distributed.all_gather_object(out, mine)
+    return out
+
+
+def run_summary(run_dir: Path, save_best_by: str, loop: Any, train_rows: int, wall: float, samples: int,
+                digests: list[dict[str, str]]) -> dict[str, Any]:
+    """The content of ``summary.json``.
+
+    Args:
+        run_dir: the run folder.
+        save_best_by: the metric that chose ``best/``.
+        loop: the loop state (``best_value``, ``best_step``, ``global_step``, ``samples_seen``).
+        train_rows: rows of the training split (``epochs`` counts passes over it).
+        wall: seconds this process trained; samples: rows it trained on in that time.
+        digests: :func:`rank_digests`.
+    """
+    return {
+        "run_dir": str(run_dir),
+        "best_dir": str(Path(run_dir) / BEST),
+        "best_metric": f"val/{save_best_by}",
+        "best_value": loop.best_value,
+        "best_step": loop.best_step,
+        "steps": loop.global_step,
+        "epochs": round(loop.samples_seen / max(train_rows, 1), 3),  # passes over the train split
+        "wall_time_s": wall,
+        "train_samples_per_s": samples / max(wall, 1e-9),
+        "world_size": D.world_size(),
+        # every rank's fingerprint of its bank and last validation metrics: they must agree
+        "rank_digests": digests,
+        "ranks_agree": len({json.dumps(d, sort_keys=True) for d in digests}) == 1,
+    }
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    write_atomic(Path(run_dir) / SUMMARY, json.dumps(summary, indent=2))
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The summary of a run that finished, or None."""
+    path = Path(run_dir) / SUMMARY
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -1,12 +1,15 @@
 """The training loop: ``python -m metric_ds.train --config F`` (also ``metric-ds train``,
 ``deepspeed metric_ds/train.py --config F`` and ``torchrun -m metric_ds.train --config F``).
 
-Reads top to bottom: checks, data, model, DeepSpeed engine, then epochs of micro-batches. Each epoch's
-micro-batches are cut into accumulation windows of ``gradient_accumulation_steps`` (the last one shorter when
-they do not divide), and each window ends in an optimizer step, so no step mixes two epochs. At each step the
-bank takes the step's metric rows, a log record is written every ``log_every_n_steps``, validation runs every
-``eval_every_n_steps`` and at each epoch end (and exports ``best/`` when it improves), and a checkpoint is
-written every ``save_every_n_batches``.
+Reads top to bottom: checks, data, model, the resume plan (:mod:`metric_ds.resume`), DeepSpeed engine, then
+epochs of micro-batches. Each epoch's micro-batches are cut into accumulation windows of
+``gradient_accumulation_steps`` (the last one shorter when they do not divide), and each window ends in an
+optimizer step, so no step mixes two epochs. The step strategy of ``training.contrastive_batch``
+(:mod:`metric_ds.steps`) trains each micro-batch, or holds the window's micro-batches and trains them as one
+contrastive batch. At each step the bank takes the step's metric rows, a log record is written every
+``log_every_n_steps``, validation runs every ``eval_every_n_steps`` and at each epoch end (and exports ``best/``
+when it improves, :mod:`metric_ds.best`), and a checkpoint is written every ``save_every_n_batches``. The run
+ends with ``summary.json`` (:mod:`metric_ds.run_folder`).
 
 Training randomness depends only on the seed and the step: validation and export run under a forked RNG, so
 how often a run validates never changes its weights, and a run resumed from any checkpoint equals the run that
@@ -16,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
-import json
 import math
 import random
 import sys
@@ -36,19 +37,9 @@ from tqdm.auto import tqdm
 
 from metric_ds import distributed as D
 from metric_ds import run_folder
-from metric_ds.artifact import save_model
 from metric_ds.bank import EmbeddingBank
-from metric_ds.checkpoint import (
-    DS_TAG,
-    UNIVERSAL_TAG,
-    describe_io_error,
-    ensure_universal,
-    load_checkpoint,
-    read_client_state,
-    resolve_resume,
-    save_checkpoint,
-    write_atomic,
-)
+from metric_ds.best import BestKeeper
+from metric_ds.checkpoint import UNIVERSAL_TAG, load_checkpoint, save_checkpoint
 from metric_ds.config import Config, save_config
 from metric_ds.console import add_train_arguments, apply_local_rank, config_from_args, run_guarded
 from metric_ds.data.collate import Collator, TextDataset
@@ -57,13 +48,12 @@ from metric_ds.data.sampler import PKBatchSampler, RandomBatchSampler
 from metric_ds.ds_config import build_ds_config
 from metric_ds.errors import UserError
 from metric_ds.evaluator import ShardedBatches, collect_outputs, compute_metrics
-from metric_ds.grad_cache import accumulated_step
-from metric_ds.losses import JointLoss, LossTerms, TermWindow
-from metric_ds.metrics import lower_is_better
-from metric_ds.model import MetricClassifier, load_encoder, model_inputs
+from metric_ds.losses import JointLoss, TermWindow
+from metric_ds.model import MetricClassifier, load_encoder
 from metric_ds.preflight import preflight
 from metric_ds.progress import progress_bar
-from metric_ds.resume_check import check_resume
+from metric_ds.resume import plan_resume
+from metric_ds.steps import StepOutput, make_step
 from metric_ds.tracking import build_trackers
 
 
@@ -163,11 +153,6 @@ def _train_sampler(cfg: Config, train_df: Any, seed: int) -> Any:
                               world_size=D.world_size(), drop_last=False)
 
 
-def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    # non_blocking copies overlap with compute only from pinned memory (the loaders pin on CUDA)
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
 @contextlib.contextmanager
 def _isolated_rng(device: torch.device):
     """Run a block without touching the training RNG streams (CPU, and the device's on CUDA)."""
@@ -203,14 +188,15 @@ class Trainer:
                                  cfg.model.projection_dim, cfg.model.classifier_dropout)
         D.init_process_group()
         self._build_data()
-        self._resume = self._prepare_resume()
+        self._resume = plan_resume(cfg, self.run_dir, self.data_fingerprint, self.micro_per_epoch)
         self._build_engine(model)
         self.loss_fn = JointLoss(t.classification_loss_weight, t.metric_loss_weight, t.supcon_temperature,
                                  t.supcon_impl, t.supcon_scope, num_classes=self.label_map.num_classes)
+        self.step = make_step(self.engine, self.loss_fn, cfg)
         self.bank = _build_bank(cfg, model, self.device)
+        self.best = BestKeeper(cfg, self.run_dir, self.engine, self.tokenizer, self.label_map)
         self.state = LoopState()
         self.last_val: dict[str, float] = {}
-        self._memory_note: dict[str, float] = {}  # accumulated windows on CUDA: activation memory, logged
         self._open_run_folder()
         self.tracker = build_trackers(cfg.logging.backends + (["neptune"] if cfg.neptune.enabled and
                                                               "neptune" not in cfg.logging.backends else []),
@@ -235,7 +221,7 @@ class Trainer:
         cfg = self.cfg
         num_training_steps = cfg.scheduler.num_training_steps or self.total_steps
         ds_config = build_ds_config(cfg)
-        if self._resume is not None and self._resume[2] == UNIVERSAL_TAG:
+        if self._resume is not None and self._resume.tag == UNIVERSAL_TAG:
             ds_config.setdefault("checkpoint", {})["load_universal"] = True
         self.engine, _, _, self.lr_scheduler = deepspeed.initialize(
             model=model, optimizer=_make_optimizer(model, cfg),
@@ -246,48 +232,17 @@ class Trainer:
             # one process: DeepSpeed would still flatten and "all-reduce" every gradient each step (~5% of a CPU step)
             self.engine.enable_backward_allreduce = False
 
-    def _prepare_resume(self) -> tuple[Path, dict[str, Any], str] | None:
-        """Before the engine exists: the checkpoint to resume, our state in it (the config and data checked against
-        it), and the DeepSpeed tag to load: the checkpoint's own, or on another world size its universal form."""
-        cfg = self.cfg
-        if not cfg.training.resume_from:
-            return None
-        ckpt = resolve_resume(cfg.training.resume_from, self.run_dir)
-        client = read_client_state(ckpt)
-        check_resume(yaml.safe_load(client["config"]) if "config" in client else None,
-                     client.get("data_fingerprint"), cfg.to_dict(), self.data_fingerprint, str(ckpt))
-        saved_world = int(client.get("world_size", D.world_size()))
-        if saved_world == D.world_size():
-            return ckpt, client, DS_TAG
-        self._remap_position(client["loop"], saved_world)
-        if D.is_main():
-            tqdm.write(f"resuming a checkpoint of {saved_world} process(es) on {D.world_size()}: the sampler position "
-                       "and the bank remapped, the RNG streams started afresh (the run continues, not bit for bit)")
-        if cfg.deepspeed.zero_stage == 0:  # every rank saved the whole state: it loads on any world size
-            return ckpt, client, DS_TAG
-        ensure_universal(ckpt)  # ZeRO 1-3 partitions the state by rank: DeepSpeed's universal form re-partitions it
-        return ckpt, client, UNIVERSAL_TAG
-
-    def _remap_position(self, loop: dict[str, Any], saved_world: int) -> None:
-        """The position in the epoch, in this world size's micro-batches: the rows that the saved ranks consumed
-        together, rounded down to whole global batches of the new world size (at most one global batch of rows is
-        seen twice this epoch)."""
-        rows = loop["batch_in_epoch"] * self.cfg.training.batch_size * saved_world
-        per_micro = self.cfg.training.batch_size * D.world_size()
-        loop["batch_in_epoch"] = min(rows // per_micro, self.micro_per_epoch)
-
     def _open_run_folder(self) -> None:
         """Resume (the engine's state, then ours), or start a fresh folder."""
-        cfg = self.cfg
-        if self._resume is not None:
-            ckpt, client, tag = self._resume
-            load_checkpoint(self.engine, ckpt, client, tag)
-            self.state = LoopState(**client["loop"])
-            if self.bank is not None and client.get("bank") is not None:
-                self.bank.load_state_dict(client["bank"])
+        cfg, plan = self.cfg, self._resume
+        if plan is not None:
+            load_checkpoint(self.engine, plan.checkpoint, plan.client, plan.tag)
+            self.state = LoopState(**plan.client["loop"])
+            if self.bank is not None and plan.client.get("bank") is not None:
+                self.bank.load_state_dict(plan.client["bank"])
             if D.is_main():
                 run_folder.open_resumed(self.run_dir, self.state.global_step)
-                tqdm.write(f"resumed from {ckpt} at step {self.state.global_step}")
+                tqdm.write(f"resumed from {plan.checkpoint} at step {self.state.global_step}")
         elif D.is_main():
             run_folder.open_fresh(self.run_dir, cfg.checkpointing.overwrite)
         if D.is_dist():
@@ -304,12 +259,11 @@ class Trainer:
     # -------------------------------------------------------------------------------------- loop
 
     def fit(self) -> dict[str, Any]:
+        """Train to ``total_steps`` (or the end of ``num_epochs``), validating, logging and checkpointing on the way
+        (see the module docstring); returns the run summary."""
         cfg, t, st = self.cfg, self.cfg.training, self.state
-        if st.global_step >= self.total_steps and (self.run_dir / "summary.json").is_file():
-            if D.is_main():
-                tqdm.write(f"{self.run_dir} already finished at step {st.global_step}; nothing to train")
-            self.tracker.close()
-            return json.loads((self.run_dir / "summary.json").read_text())
+        if st.global_step >= self.total_steps and (self.run_dir / run_folder.SUMMARY).is_file():
+            return self._already_finished()
         start_wall = time.perf_counter()
         samples_at_start = st.samples_seen
         bar = progress_bar(self.total_steps, "train", initial=st.global_step, setting=cfg.logging.progress)
@@ -320,35 +274,25 @@ class Trainer:
         # first validation switched the whole model to train mode.
         self.engine.train()
         while not done and st.epoch < t.num_epochs:
-            self.sampler.set_epoch(st.epoch)
-            loader = torch.utils.data.DataLoader(
-                self.train_ds, batch_sampler=SkipBatches(self.sampler, st.batch_in_epoch),
-                collate_fn=self.collator, num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda",
-                generator=torch.Generator().manual_seed(t.seed),  # keeps the global RNG untouched
-            )
-            pending: list[dict[str, torch.Tensor]] = []
-            for batch in loader:
+            for batch in self._epoch_loader():
                 window_len, boundary = accumulation_window(st.batch_in_epoch, self.micro_per_epoch,
                                                            t.gradient_accumulation_steps)
                 will_log = boundary and ((st.global_step + 1) % t.log_every_n_steps == 0
                                          or st.global_step + 1 == self.total_steps)
                 st.batch_in_epoch += 1
-                if t.contrastive_batch == "accumulated":
-                    pending.append(batch)
-                    if not boundary:
-                        continue
-                    terms, manual_norm = self._train_window(pending, will_log)
-                    pending = []
-                else:
-                    terms, manual_norm = self._train_micro_batch(batch, window_len, boundary, will_log)
-                st.samples_seen += terms.counts.rows
-                window.add(terms, micro_batches=window_len if t.contrastive_batch == "accumulated" else 1)
+                out = self.step(batch, window_len, boundary, will_log)
+                if out is None:  # accumulated: the window's micro-batches are held until its last one
+                    continue
+                if self.bank is not None:
+                    self.bank.add_step_rows(out.rows, st.global_step + 1)
+                st.samples_seen += out.terms.counts.rows
+                window.add(out.terms, micro_batches=out.micro_batches)
                 if not boundary:
                     continue
                 st.global_step += 1
                 bar.update(1)
-                if will_log:
-                    self._log_train(window, time.perf_counter() - window_t0, manual_norm, bar)
+                if will_log:  # the one host read of the window's terms
+                    self._log_train(window, time.perf_counter() - window_t0, out, bar)
                     window.reset()
                     window_t0 = time.perf_counter()
                 epoch_end = st.batch_in_epoch >= self.micro_per_epoch
@@ -366,63 +310,32 @@ class Trainer:
         bar.close()
         return self._finish(time.perf_counter() - start_wall, st.samples_seen - samples_at_start)
 
-    def _train_micro_batch(self, batch: dict[str, torch.Tensor], window_len: int, boundary: bool,
-                           will_log: bool) -> tuple[LossTerms, torch.Tensor | None]:
-        """Forward, loss, backward and (at a window's end) the optimizer step of one micro-batch, then the bank.
+    def _epoch_loader(self) -> torch.utils.data.DataLoader:
+        """This epoch's micro-batches, from the position the loop state records."""
+        cfg, t, st = self.cfg, self.cfg.training, self.state
+        self.sampler.set_epoch(st.epoch)
+        return torch.utils.data.DataLoader(
+            self.train_ds, batch_sampler=SkipBatches(self.sampler, st.batch_in_epoch),
+            collate_fn=self.collator, num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(t.seed),  # keeps the global RNG untouched
+        )
 
-        No host-device synchronisation happens here in one process, and one (the packed row counts) with W > 1:
-        what is logged stays on the device until :meth:`_log_train` (``tests/test_host_syncs.py``).
+    def _already_finished(self) -> dict[str, Any]:
+        """A run resumed after its last step: nothing to train, its summary."""
+        if D.is_main():
+            tqdm.write(f"{self.run_dir} already finished at step {self.state.global_step}; nothing to train")
+        self.tracker.close()
+        return run_folder.read_summary(self.run_dir)
 
-        Returns:
-            The loss terms, and the pre-clipping gradient norm where DeepSpeed reports none (``will_log`` only).
-        """
-        t = self.cfg.training
-        self.engine.set_gradient_accumulation_boundary(boundary)
-        batch = _to_device(batch, self.device)
-        out = self.engine(**model_inputs(batch))
-        terms = self.loss_fn(out.logits, out.z, batch["labels"], batch["classifier_mask"], batch["metric_mask"])
-        # DeepSpeed divides by gradient_accumulation_steps; a shorter last window is a mean over its own micro-batches.
-        scale = t.gradient_accumulation_steps / window_len
-        self.engine.backward(terms.backward_loss * scale if scale != 1 else terms.backward_loss)
-        manual_norm = self._grad_norm_before_step() if will_log else None
-        self.engine.step()
-        if self.bank is not None:
-            self._bank_add(out.h, batch["metric_mask"], terms, self.state.global_step + 1)
-        return terms, manual_norm
-
-    def _train_window(self, batches: list[dict[str, torch.Tensor]], will_log: bool
-                      ) -> tuple[LossTerms, torch.Tensor | None]:
-        """One optimizer step whose contrastive batch is every row of the accumulation window
-        (``training.contrastive_batch: accumulated``, :mod:`metric_ds.grad_cache`), then the bank."""
-        norm: list[torch.Tensor | None] = [None]
-
-        def before_step() -> None:
-            if will_log:
-                norm[0] = self._grad_norm_before_step()
-
-        on_cuda = self.device.type == "cuda"
-        if on_cuda and will_log:
-            base = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        result = accumulated_step(self.engine, self.loss_fn, [_to_device(b, self.device) for b in batches],
-                                  before_step)
-        if on_cuda and will_log:  # the activations of one micro-batch; a micro-batch of all rows needs ~len x that
-            peak = (torch.cuda.max_memory_allocated(self.device) - base) / 2**20
-            self._memory_note = {"train/activation_peak_mb": peak,
-                                 "train/memory_saved_mb_est": peak * (len(batches) - 1)}
-        if self.bank is not None:
-            self._bank_add(result.h, result.metric_mask, result.terms, self.state.global_step + 1)
-        return result.terms, norm[0]
-
-    def _log_train(self, window: TermWindow, elapsed: float, manual_norm: torch.Tensor | None, bar: Any) -> None:
+    def _log_train(self, window: TermWindow, elapsed: float, out: StepOutput, bar: Any) -> None:
         """The one host read of a logging window: its loss terms, lr, grad norm and throughput."""
         t = self.cfg.training
         terms = window.read()
         lr = self.lr_scheduler.get_last_lr()[0] if self.lr_scheduler is not None else 0.0
         grad_norm = self.engine.get_global_grad_norm()
-        grad_norm = manual_norm if grad_norm is None else grad_norm
+        grad_norm = out.grad_norm if grad_norm is None else grad_norm
         record = {f"train/{'loss' if k == 'total' else k}": v for k, v in terms.items()}
-        record.update(self._memory_note)
+        record.update(out.memory)
         record.update({
             "train/lr": lr,
             "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
@@ -433,26 +346,16 @@ class Trainer:
         bar.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{lr:.2e}", sps=f"{record['train/samples_per_s']:.1f}")
 
     def _finish(self, wall: float, samples: int) -> dict[str, Any]:
+        """Write ``summary.json`` (every rank's digest of its bank and last validation included) and say where the
+        best model is."""
         cfg, st = self.cfg, self.state
-        digests = self._rank_digests()
-        summary = {
-            "run_dir": str(self.run_dir),
-            "best_dir": str(self.run_dir / "best"),
-            "best_metric": f"val/{cfg.checkpointing.save_best_by}",
-            "best_value": st.best_value,
-            "best_step": st.best_step,
-            "steps": st.global_step,
-            "epochs": round(st.samples_seen / max(len(self.train_ds), 1), 3),  # passes over the train split
-            "wall_time_s": wall,
-            "train_samples_per_s": samples / max(wall, 1e-9),
-            "world_size": D.world_size(),
-            # every rank's fingerprint of its bank and last validation metrics: they must agree
-            "rank_digests": digests,
-            "ranks_agree": len({json.dumps(d, sort_keys=True) for d in digests}) == 1,
-        }
+        digests = run_folder.rank_digests(self.bank.copy_live_rows() if self.bank is not None else None,
+                                          self.last_val)
+        summary = run_folder.run_summary(self.run_dir, cfg.checkpointing.save_best_by, st, len(self.train_ds),
+                                         wall, samples, digests)
         self.tracker.close()
         if D.is_main():
-            write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+            run_folder.write_summary(self.run_dir, summary)
         if st.best_step is None:
             raise UserError(
                 f"no best/ was written: {summary['best_metric']} was never computed on the validation split "
@@ -465,40 +368,6 @@ class Trainer:
                 f"best model: {summary['best_dir']}; run: {self.run_dir}"
             )
         return summary
-
-    def _grad_norm_before_step(self) -> torch.Tensor | None:
-        """The gradient norm before clipping, where DeepSpeed does not report one (ZeRO 0 in fp32); a device
-        tensor, read at the log step."""
-        if self.cfg.deepspeed.zero_stage != 0 or self.cfg.training.mixed_precision != "no":
-            return None
-        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-
-    def _rank_digests(self) -> list[dict[str, str]]:
-        """A hash of the bank (in order) and of the last validation record, from every rank."""
-        h = hashlib.sha256()
-        if self.bank is not None:
-            for t in self.bank.copy_live_rows():
-                h.update(t.detach().cpu().contiguous().numpy().tobytes())
-        mine = {"bank": h.hexdigest()[:16],
-                "val": hashlib.sha256(json.dumps(self.last_val, sort_keys=True).encode()).hexdigest()[:16]}
-        if not D.is_dist():
-            return [mine]
-        out: list = [None] * D.world_size()
-        torch.distributed.all_gather_object(out, mine)
-        return out
-
-    def _bank_add(self, h: torch.Tensor, metric_mask: torch.Tensor, terms: LossTerms, step: int) -> None:
-        """Add this micro-batch's metric rows (from every rank, in rank order) to the bank, reusing the rows and
-        counts that the loss already gathered: only ``h`` is gathered here."""
-        sizes = terms.counts.metric_sizes
-        h_m = h.detach()[metric_mask.bool()].float()
-        cs = terms.contrast
-        if D.world_size() > 1 and self.loss_fn.supcon_scope == "local":  # the loss gathered no rows
-            z, y = D.gather_rows(cs.z.float(), sizes, with_grad=False), D.gather_rows(cs.labels, sizes, with_grad=False)
-        else:
-            z, y = cs.z.float(), cs.labels
-        self.bank.add(z, D.gather_rows(h_m, sizes, with_grad=False), y, step)
 
     def _log(self, record: dict[str, float]) -> None:
         self.tracker.log_metrics({"step": self.state.global_step,
@@ -513,7 +382,7 @@ class Trainer:
             return self._validate()
 
     def _validate(self) -> dict[str, float]:
-        cfg, t, mv = self.cfg, self.cfg.training, self.cfg.metric_validation
+        t, mv = self.cfg.training, self.cfg.metric_validation
         batches = ShardedBatches(len(self.val_ds), mv.eval_batch_size or 4 * t.batch_size, D.rank(), D.world_size(),
                                  lengths=self.val_ds.lengths)
         loader = torch.utils.data.DataLoader(self.val_ds, batch_sampler=batches, collate_fn=self.collator,
@@ -531,44 +400,10 @@ class Trainer:
             record.update(self.bank.stats(self.label_map.num_classes, self.state.global_step))
         self._log(record)
         self.last_val = record
-        if self._improved(metrics.get(cfg.checkpointing.save_best_by)):
-            self.state.best_value, self.state.best_step = metrics[cfg.checkpointing.save_best_by], self.state.global_step
-            self._export_best(record)
+        if self.best.improved(metrics, self.state.best_value):
+            self.state.best_value, self.state.best_step = metrics[self.best.key], self.state.global_step
+            self.best.save(record, self.state.global_step)
         return record
-
-    def _improved(self, value: float | None) -> bool:
-        """Whether ``value`` beats the best so far: decided on rank 0 and broadcast, so that ranks whose float
-        metrics differ in the last bit never disagree (the export that follows is a collective)."""
-        key, best = self.cfg.checkpointing.save_best_by, self.state.best_value
-        better = value is not None and not math.isnan(value) and (
-            best is None or (value < best if lower_is_better(key) else value > best))
-        return D.broadcast_flag(better, self.device)
-
-    def _full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full weights on every rank; under ZeRO-3 the partitions are gathered first (a collective)."""
-        module = self.engine.module
-        if self.cfg.deepspeed.zero_stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-        return {k: v.detach().cpu() for k, v in module.state_dict().items()}
-
-    def _export_best(self, record: dict[str, float]) -> None:
-        state_dict = self._full_state_dict()
-        if D.is_main():
-            def write(folder: Path) -> None:
-                save_model(folder, self.engine.module, self.tokenizer, label_map=self.label_map, state_dict=state_dict,
-                           config=self.cfg, metrics={"step": self.state.global_step, **record},
-                           train_table=self.cfg.data.train_path)
-
-            try:
-                run_folder.swap_in_best(self.run_dir, write)
-            except OSError as exc:
-                raise UserError(f"could not export best/ to {self.run_dir}: {describe_io_error(exc, self.run_dir)} "
-                                "(the previous best/ is intact)") from None
-        if D.is_dist():
-            torch.distributed.barrier()
 
     def _checkpoint(self) -> None:
         save_checkpoint(self.engine, self.run_dir, self.state.global_step, self._client_state(),

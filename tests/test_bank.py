@@ -1,12 +1,14 @@
-"""The embedding bank against a plain-Python model of it: ring wrap, eviction by age, resume, statistics."""
+"""The embedding bank against a plain-Python model of it: ring wrap, eviction by age, a step's rows, resume and
+migration, statistics."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from metric_ds.bank import EmbeddingBank
+from metric_ds.bank import EmbeddingBank, StepRows, migrate_state
 from metric_ds.errors import UserError
+from metric_ds.metrics import embedding_stats
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -95,6 +97,38 @@ def test_add_detaches_casts_and_checks_shapes():
         bank.add(torch.randn(2, 2), torch.randn(2, 3), torch.tensor([0]), 1)
     with pytest.raises(ValueError, match="keep_last_n_steps"):
         EmbeddingBank(4, 2, 3, 0)
+
+
+def test_a_steps_rows_are_its_metric_rows_in_one_process():
+    """One process: z and labels are the loss's contrast rows, h the pooled rows that the metric mask picks."""
+    bank = EmbeddingBank(8, 2, 3, 2)
+    h = torch.arange(15.0).reshape(5, 3).bfloat16()
+    mask = torch.tensor([1, 0, 1, 1, 0])
+    z, y = torch.randn(3, 2), torch.tensor([2, 0, 1])
+    bank.add_step_rows(StepRows(h, mask, z, y, [3], local=False), step=4)
+    bz, bh, by, bs = bank.copy_live_rows()
+    assert torch.equal(bz, z) and torch.equal(by, y) and torch.equal(bs, torch.full((3,), 4))
+    assert torch.equal(bh, h[mask.bool()].float())
+    bank.add_step_rows(StepRows(h, mask, z, y, [3], local=True), step=5)  # local: nothing to gather either
+    assert len(bank) == 6 and bank.last_step == 5
+
+
+def test_migrate_state_gives_the_new_shape_and_leaves_the_old_state_alone():
+    rng = np.random.default_rng(2)
+    bank = EmbeddingBank(12, 3, 5, 3)
+    feed(bank, OracleBank(12, 3), rng, range(6), 4)
+    state = bank.state_dict()
+    before = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+    migrated = migrate_state(state, capacity=5, keep_last_n_steps=2)
+    assert migrated["z"].shape == (5, 3) and migrated["keep_last_n_steps"] == 2
+    assert migrated["last_step"] == bank.last_step
+    for key, value in before.items():
+        assert torch.equal(state[key], value) if isinstance(value, torch.Tensor) else state[key] == value
+    direct, via = EmbeddingBank(5, 3, 5, 2), EmbeddingBank(5, 3, 5, 2)
+    direct.load_state_dict(state)  # migrates
+    via.load_state_dict(migrated)  # already this shape: restored exactly
+    for a, b in zip(direct.copy_live_rows(), via.copy_live_rows(), strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("split_step", [0, 3, 7])
@@ -200,3 +234,19 @@ def test_stats_of_empty_and_single_class_banks():
     assert "bank/inter_centroid_cos" not in s and s["bank/classes_covered"] == 1.0
     with pytest.raises(ValueError, match="labels"):
         bank.stats(2)
+
+
+def test_embedding_stats_are_the_banks_without_the_prefix():
+    rng = np.random.default_rng(3)
+    bank = EmbeddingBank(capacity=30, z_dim=4, h_dim=3, keep_last_n_steps=10)
+    for step in range(3):
+        z, h, y = (torch.from_numpy(a) for a in random_rows(rng, 8, 4, 3, 5))
+        bank.add(z, h, y, step)
+    z, h, y, _ = bank.copy_live_rows()
+    plain = embedding_stats(z, h, y, 5)
+    assert "mean_age" not in plain  # no ages given
+    assert {f"bank/{k}": v for k, v in plain.items()} == {k: v for k, v in bank.stats(5).items()
+                                                          if k != "bank/mean_age"}
+    assert list(bank.stats(5))[:8] == ["bank/size", "bank/classes_total", "bank/classes_covered",
+                                       "bank/class_count_min", "bank/class_count_median", "bank/class_count_max",
+                                       "bank/mean_age", "bank/h_norm_mean"]  # the log record's order

@@ -46,19 +46,28 @@ def test_a_micro_batch_reads_nothing_to_the_host(tmp_path, tiny_model_dir, tiny_
         training__gradient_accumulation_steps=accumulation, model__projection_dim=projection,
         training__supcon_impl="auto")))
     counter = SyncCounter(monkeypatch)
-    real = trainer._train_micro_batch
-    seen = {"micro": 0, "logged": 0}
+    real_step, real_add = trainer.step, trainer.bank.add_step_rows
+    seen = {"micro": 0, "logged": 0, "log_step": False}
 
-    def counted_micro_batch(batch, window_len, boundary, will_log):
+    def counted_step(batch, window_len, boundary, will_log):
         counter.active = not will_log  # a log step reads its window once, by design
         seen["micro"] += 1
         seen["logged"] += will_log
+        seen["log_step"] = will_log
         try:
-            return real(batch, window_len, boundary, will_log)
+            return real_step(batch, window_len, boundary, will_log)
         finally:
             counter.active = False
 
-    trainer._train_micro_batch = counted_micro_batch
+    def counted_add(rows, step):  # the step's rows into the bank: part of the micro-batch's work
+        counter.active = not seen["log_step"]
+        try:
+            return real_add(rows, step)
+        finally:
+            counter.active = False
+
+    trainer.step = counted_step
+    trainer.bank.add_step_rows = counted_add
     trainer.fit()
     assert seen["micro"] > seen["logged"] >= 1  # some micro-batches were counted
     assert not counter.calls, dict(counter.calls)

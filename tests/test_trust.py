@@ -359,7 +359,7 @@ def test_evaluate_with_a_missing_bank_file_is_an_error(tmp_path, tiny_model_dir,
 def test_the_best_export_follows_rank_0s_decision(tmp_path, tiny_model_dir, tiny_table, monkeypatch):
     """Ranks whose float metrics differ in the last bit must not disagree on exporting best/ (a collective under
     ZeRO-3): every rank takes rank 0's broadcast decision, even against its own comparison."""
-    import metric_ds.train as train_mod
+    import metric_ds.best as best_mod
 
     seen = []
 
@@ -367,7 +367,7 @@ def test_the_best_export_follows_rank_0s_decision(tmp_path, tiny_model_dir, tiny
         seen.append(flag)
         return False
 
-    monkeypatch.setattr(train_mod.D, "broadcast_flag", rank0_says_no)
+    monkeypatch.setattr(best_mod.D, "broadcast_flag", rank0_says_no)
     with pytest.raises(UserError, match="no best/ was written"):
         run(tmp_path, tiny_model_dir, tiny_table, training__max_steps=2)
     assert seen and seen[0] is True  # this rank's own comparison said "better"

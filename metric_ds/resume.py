@@ -1,4 +1,9 @@
-"""What may change when a run is resumed, and the refusal of what may not.
+"""Resuming a run: the plan (which checkpoint, which DeepSpeed tag, the position on another world size), what may
+change when a run is resumed, and the refusal of what may not.
+
+:func:`plan_resume` runs before the DeepSpeed engine exists: it finds the checkpoint, reads our state in it, checks
+the config and data against it (:func:`check_resume`), and on another world size remaps the position in the epoch
+and picks DeepSpeed's universal form of a ZeRO 1-3 state.
 
 A checkpoint stores the resolved config and a fingerprint of the training data. A resume compares them with the
 current ones:
@@ -15,10 +20,20 @@ current ones:
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import yaml
+from tqdm.auto import tqdm
+
+from metric_ds import distributed as D
+from metric_ds.checkpoint import DS_TAG, UNIVERSAL_TAG, ensure_universal, read_client_state, resolve_resume
 from metric_ds.config import current_key
 from metric_ds.errors import UserError
+
+if TYPE_CHECKING:
+    from metric_ds.config import Config
 
 SAFE_KEYS = (
     "run_name", "checkpointing.checkpoints_dir", "checkpointing.save_every_n_batches",
@@ -86,3 +101,58 @@ def check_resume(saved_config: dict[str, Any] | None, saved_fingerprint: str | N
         raise UserError([f"training.resume_from: {checkpoint} cannot continue with this config; what changed:",
                          *problems, "Restore these settings to resume, or start a new run "
                          "(checkpointing.overwrite: true, or another run_name)"])
+
+
+@dataclass
+class ResumePlan:
+    """A checkpoint to resume from, read before the engine exists.
+
+    Attributes:
+        checkpoint: its ``step-N`` folder.
+        client: our state in it (loop, RNGs, bank, config, data fingerprint), the loop position remapped to this
+            world size.
+        tag: the DeepSpeed tag to load: the checkpoint's own, or on another world size its universal form.
+    """
+
+    checkpoint: Path
+    client: dict[str, Any]
+    tag: str
+
+
+def plan_resume(cfg: Config, run_dir: Path, fingerprint: str, micro_per_epoch: int) -> ResumePlan | None:
+    """The checkpoint that ``training.resume_from`` names, with the config and data checked against it, or None
+    for a fresh run.
+
+    Args:
+        cfg: the run's config.
+        run_dir: the run folder (``latest`` is looked up there).
+        fingerprint: the current training data's fingerprint.
+        micro_per_epoch: this world size's micro-batches per epoch (the remapped position stays within it).
+    """
+    if not cfg.training.resume_from:
+        return None
+    ckpt = resolve_resume(cfg.training.resume_from, run_dir)
+    client = read_client_state(ckpt)
+    check_resume(yaml.safe_load(client["config"]) if "config" in client else None,
+                 client.get("data_fingerprint"), cfg.to_dict(), fingerprint, str(ckpt))
+    saved_world = int(client.get("world_size", D.world_size()))
+    if saved_world == D.world_size():
+        return ResumePlan(ckpt, client, DS_TAG)
+    loop = client["loop"]
+    loop["batch_in_epoch"] = remap_position(loop["batch_in_epoch"], saved_world, cfg.training.batch_size,
+                                            micro_per_epoch)
+    if D.is_main():
+        tqdm.write(f"resuming a checkpoint of {saved_world} process(es) on {D.world_size()}: the sampler position "
+                   "and the bank remapped, the RNG streams started afresh (the run continues, not bit for bit)")
+    if cfg.deepspeed.zero_stage == 0:  # every rank saved the whole state: it loads on any world size
+        return ResumePlan(ckpt, client, DS_TAG)
+    ensure_universal(ckpt)  # ZeRO 1-3 partitions the state by rank: DeepSpeed's universal form re-partitions it
+    return ResumePlan(ckpt, client, UNIVERSAL_TAG)
+
+
+def remap_position(batch_in_epoch: int, saved_world: int, batch_size: int, micro_per_epoch: int) -> int:
+    """The position in the epoch, in this world size's micro-batches: the rows that the saved ranks consumed
+    together, rounded down to whole global batches of the new world size (at most one global batch of rows is
+    seen twice this epoch)."""
+    rows = batch_in_epoch * batch_size * saved_world
+    return min(rows // (batch_size * D.world_size()), micro_per_epoch)

@@ -1,0 +1,58 @@
+"""The resume plan: no plan without resume_from, the checkpoint's tag, the position remapped on another world size,
+and the refusal of changed settings."""
+from __future__ import annotations
+
+import pytest
+from conftest import make_cfg, run
+
+import metric_ds.resume as resume_mod
+from metric_ds.checkpoint import DS_TAG
+from metric_ds.config import validate_config
+from metric_ds.errors import UserError
+from metric_ds.resume import check_resume, plan_resume, remap_position
+
+
+@pytest.mark.parametrize("position, saved_world, world, micro_per_epoch, expected", [
+    (5, 1, 1, 100, 5),  # the same world size: unchanged
+    (5, 4, 2, 100, 10),  # 160 rows = 10 micro-batches of 2 x 8
+    (5, 2, 3, 100, 3),  # 80 rows: 3 whole global batches of 24, the rest seen again
+    (50, 4, 1, 30, 30),  # never past the epoch's end
+])
+def test_remap_position(monkeypatch, position, saved_world, world, micro_per_epoch, expected):
+    monkeypatch.setattr(resume_mod.D, "world_size", lambda: world)
+    assert remap_position(position, saved_world, 8, micro_per_epoch) == expected
+
+
+def test_no_resume_from_is_no_plan(tmp_path, tiny_model_dir, tiny_table):
+    cfg = validate_config(make_cfg(tmp_path, tiny_model_dir, tiny_table))
+    assert plan_resume(cfg, cfg.run_dir, "any", 10) is None
+
+
+def test_the_plan_of_a_checkpoint_and_of_one_saved_on_more_processes(tmp_path, tiny_model_dir, tiny_table,
+                                                                      monkeypatch, capsys):
+    common = dict(training__max_steps=2, checkpointing__save_every_n_batches=2)
+    first, _ = run(tmp_path / "a", tiny_model_dir, tiny_table, **common)
+    ckpt = first.run_dir / "checkpoints" / "step-2"
+    cfg = validate_config(make_cfg(tmp_path / "b", tiny_model_dir, tiny_table, training__resume_from=str(ckpt),
+                                   **common))
+    plan = plan_resume(cfg, cfg.run_dir, first.data_fingerprint, first.micro_per_epoch)
+    assert (plan.checkpoint, plan.tag) == (ckpt, DS_TAG)
+    assert plan.client["loop"]["global_step"] == 2 and plan.client["loop"]["batch_in_epoch"] == 2
+
+    real = resume_mod.read_client_state
+    monkeypatch.setattr(resume_mod, "read_client_state", lambda path: {**real(path), "world_size": 2})
+    plan = plan_resume(cfg, cfg.run_dir, first.data_fingerprint, first.micro_per_epoch)
+    assert plan.tag == DS_TAG  # ZeRO 0: every rank saved the whole state
+    assert plan.client["loop"]["batch_in_epoch"] == 4  # 2 micro-batches of 2 ranks: 4 of this one
+    assert "resuming a checkpoint of 2 process(es) on 1" in capsys.readouterr().out
+
+
+def test_check_resume_refuses_a_changed_seed_and_allows_safe_changes():
+    saved = {"training": {"seed": 1, "log_every_n_steps": 5}}
+    check_resume(saved, "f", {"training": {"seed": 1, "log_every_n_steps": 50}}, "f", "ckpt")
+    with pytest.raises(UserError) as info:
+        check_resume(saved, "f", {"training": {"seed": 2, "log_every_n_steps": 5}}, "g", "ckpt")
+    text = "\n".join(info.value.messages)
+    assert "training.seed: 1 in the checkpoint, 2 now" in text and "training data differ" in text
+    with pytest.warns(UserWarning, match="records no config"):
+        check_resume(None, None, {}, "f", "ckpt")
