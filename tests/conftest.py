@@ -181,3 +181,12 @@ def launch_config(tmp_path, tiny_model_dir) -> Path:
     return write_cfg(tmp_path / "cfg.yaml", make_cfg(
         tmp_path, tiny_model_dir, table, run_name="launch", training__num_epochs=1, training__max_steps=3,
         training__eval_every_n_steps=3, training__supcon_impl="auto", checkpointing__save_every_n_batches=3))
+
+
+@pytest.fixture
+def checkpointed(tmp_path, tiny_model_dir, tiny_table):
+    """A 3-step run with a checkpoint at every step; returns its run folder and the overrides that made it."""
+    common = dict(training__max_steps=3, checkpointing__save_every_n_batches=1,
+                  checkpointing__keep_last_n_checkpoints=5)
+    trainer, _ = run(tmp_path, tiny_model_dir, tiny_table, **common)
+    return trainer.run_dir, common

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import errno
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_cfg
+from conftest import make_cfg, make_frame, run
 
 import metric_ds.best as best_mod
 from metric_ds.best import full_state_dict, is_better
@@ -65,3 +66,55 @@ def test_a_failed_export_keeps_the_previous_best(trainer, monkeypatch):
     with pytest.raises(UserError, match="could not export best/ .*the previous best/ is intact"):
         trainer.best.save({"val/loss": 1.0}, 2)
     assert json.loads((trainer.run_dir / "best" / "metrics.json").read_text())["step"] == 1
+
+
+def _limited_table(tmp_path: Path, labelled_per_class: int) -> Path:
+    df = make_frame(160, num_classes=4)
+    df["classifier_mask"] = 0
+    for label, rows in df.groupby("label").groups.items():
+        df.loc[list(rows)[:labelled_per_class], "classifier_mask"] = 1
+    path = tmp_path / "limited.parquet"
+    df.to_parquet(path)
+    return path
+
+
+def test_few_labelled_rows_still_give_a_best_export(tmp_path, tiny_model_dir):
+    table = _limited_table(tmp_path, 3)  # 3 x 0.1 rounds to 0 per class
+    trainer, summary = run(tmp_path, tiny_model_dir, table, data__val_ratio=0.1, training__max_steps=2,
+                           checkpointing__save_best_by="f1")
+    assert (trainer.data.val["classifier_mask"] == 1).sum() >= 1
+    assert summary["best_step"] is not None and (Path(summary["best_dir"]) / "heads.safetensors").is_file()
+
+
+def test_no_labelled_row_to_validate_is_refused_before_training(tmp_path, tiny_model_dir):
+    table = _limited_table(tmp_path, 1)
+    with pytest.raises(UserError, match="save_best_by is f1, which needs labelled"):
+        run(tmp_path, tiny_model_dir, table, data__val_ratio=0.1, checkpointing__save_best_by="f1")
+    assert not (tmp_path / "runs" / "t").exists()
+
+
+def test_a_run_that_never_scores_its_best_metric_fails(tmp_path, tiny_model_dir, tiny_table, monkeypatch):
+    import metric_ds.train as train_mod
+
+    real = train_mod.compute_metrics
+    monkeypatch.setattr(train_mod, "compute_metrics", lambda *a, **k: {**real(*a, **k), "loss": float("nan")})
+    with pytest.raises(UserError, match="no best/ was written"):
+        run(tmp_path, tiny_model_dir, tiny_table, training__max_steps=2)
+
+
+def test_the_best_export_follows_rank_0s_decision(tmp_path, tiny_model_dir, tiny_table, monkeypatch):
+    """Ranks whose float metrics differ in the last bit must not disagree on exporting best/ (a collective under
+    ZeRO-3): every rank takes rank 0's broadcast decision, even against its own comparison."""
+    import metric_ds.best as best_mod
+
+    seen = []
+
+    def rank0_says_no(flag, device):
+        seen.append(flag)
+        return False
+
+    monkeypatch.setattr(best_mod.D, "broadcast_flag", rank0_says_no)
+    with pytest.raises(UserError, match="no best/ was written"):
+        run(tmp_path, tiny_model_dir, tiny_table, training__max_steps=2)
+    assert seen and seen[0] is True  # this rank's own comparison said "better"
+    assert not (tmp_path / "runs" / "t" / "best").exists()

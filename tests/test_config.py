@@ -10,7 +10,7 @@ import yaml
 from metric_ds.config import RENAMED_KEYS, Config, apply_overrides, load_config, validate_config
 from metric_ds.ds_config import build_ds_config
 from metric_ds.errors import UserError
-from metric_ds.resume_check import check_resume
+from metric_ds.resume import check_resume
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 
@@ -207,3 +207,29 @@ def test_deepspeed_passthrough_and_conflicts():
         validate_config(minimal(deepspeed={"config": {"gradient_clipping": 2.0}}))
     with pytest.raises(UserError, match="'zero_optimization.stage' is set by deepspeed.zero_stage"):
         validate_config(minimal(deepspeed={"config": {"zero_optimization": {"stage": 3}}}))
+
+
+def test_run_name_cannot_leave_checkpoints_dir():
+    for name in ("..", ".", "a/b"):
+        with pytest.raises(UserError, match="run_name"):
+            validate_config({"data": {"train_path": "x"}, "run_name": name})
+
+
+@pytest.mark.parametrize("item, key, expected", [
+    ("run_name=2024", "run_name", "2024"), ("run_name=no", "run_name", "no"), ("run_name=1.10", "run_name", "1.10"),
+    ("training.mixed_precision=no", "training.mixed_precision", "no"),
+    ("training.batch_size=16", "training.batch_size", 16),
+    ("metric_validation.recall_at_k=[1, 5]", "metric_validation.recall_at_k", [1, 5]),
+])
+def test_set_values_follow_the_schema_type(item, key, expected):
+    cfg = validate_config(apply_overrides({"data": {"train_path": "x"}}, [item]))
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    assert value == expected
+
+
+@pytest.mark.parametrize("item", ["training.batch_size=true", "training.supcon_temperature=yes"])
+def test_a_bool_is_not_a_number(item):
+    with pytest.raises(UserError, match="expected a number, got true"):
+        validate_config(apply_overrides({"data": {"train_path": "x"}}, [item]))

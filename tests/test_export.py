@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from conftest import make_frame, run
 
 from metric_ds.artifact import load_model, save_model

@@ -3,7 +3,7 @@ and the refusal of changed settings."""
 from __future__ import annotations
 
 import pytest
-from conftest import make_cfg, run
+from conftest import make_cfg, make_frame, run
 
 import metric_ds.resume as resume_mod
 from metric_ds.checkpoint import DS_TAG
@@ -56,3 +56,43 @@ def test_check_resume_refuses_a_changed_seed_and_allows_safe_changes():
     assert "training.seed: 1 in the checkpoint, 2 now" in text and "training data differ" in text
     with pytest.warns(UserWarning, match="records no config"):
         check_resume(None, None, {}, "f", "ckpt")
+
+
+@pytest.mark.parametrize("change, allowed", [
+    (dict(training__batch_size=4), False),
+    (dict(training__seed=4), False),
+    (dict(training__max_steps=5), False),  # linear schedule: its length follows the run's
+    (dict(training__max_steps=5, scheduler__name="constant"), None),  # constant: the length may change...
+    (dict(training__log_every_n_steps=2, training__eval_every_n_steps=1, data__num_workers=0), True),
+])
+def test_resume_refuses_changes_that_break_the_run(checkpointed, tiny_model_dir, tiny_table, tmp_path, change,
+                                                   allowed):
+    run_dir, common = checkpointed
+    over = {**common, "training__resume_from": "latest", **change}
+    if allowed is None:  # ...but the scheduler name itself changed from the checkpoint's
+        with pytest.raises(UserError, match="scheduler.name"):
+            run(tmp_path, tiny_model_dir, tiny_table, **over)
+        return
+    if allowed:
+        run(tmp_path, tiny_model_dir, tiny_table, **over)
+        return
+    key = next(iter(change)).replace("__", ".")
+    with pytest.raises(UserError, match=key):
+        run(tmp_path, tiny_model_dir, tiny_table, **over)
+
+
+def test_resume_may_lengthen_a_constant_schedule(tmp_path, tiny_model_dir, tiny_table):
+    common = dict(scheduler__name="constant", checkpointing__save_every_n_batches=1)
+    first, _ = run(tmp_path, tiny_model_dir, tiny_table, training__max_steps=2, **common)
+    _, summary = run(tmp_path, tiny_model_dir, tiny_table, training__max_steps=4, training__resume_from="latest",
+                     **common)
+    assert summary["steps"] == 4
+
+
+def test_resume_on_other_data_is_refused(checkpointed, tiny_model_dir, tmp_path):
+    run_dir, common = checkpointed
+    df = make_frame(96, num_classes=5)  # an extra class
+    other = tmp_path / "other.parquet"
+    df.to_parquet(other)
+    with pytest.raises(UserError, match="training data differ"):
+        run(tmp_path, tiny_model_dir, other, training__resume_from="latest", **common)
