@@ -117,10 +117,9 @@ def _param_groups(model: torch.nn.Module, weight_decay: float, head_lr: float | 
 
 def _make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
     """torch's fused AdamW (one kernel for all tensors; CPU and CUDA since torch 2.4) over :func:`_param_groups`,
-    given to DeepSpeed as the client optimizer: DeepSpeed's own torch_adam path cannot take ``fused``. On a
-    MiniLM-sized model it steps 2.2x faster on CPU than the multi-tensor form, which was itself ~12% of a CPU step
-    faster than the per-tensor loop (``benchmarks/bench_overhead.py``). DeepSpeed's mixed precision and ZeRO hand
-    it their fp32 master partitions, so its state is the same in every mode."""
+    given to DeepSpeed as the client optimizer: DeepSpeed's own torch_adam path cannot take ``fused``, which was
+    measured faster than the multi-tensor and per-tensor forms (benchmarks/README.md, trainer overhead). DeepSpeed's
+    mixed precision and ZeRO hand it their fp32 master partitions, so its state is the same in every mode."""
     groups = _param_groups(model, cfg.optimizer.weight_decay, cfg.optimizer.head_learning_rate)
     return torch.optim.AdamW(groups, lr=cfg.optimizer.learning_rate, weight_decay=cfg.optimizer.weight_decay,
                              fused=True)
@@ -229,7 +228,7 @@ class Trainer:
         )
         self.device = self.engine.device
         if D.world_size() == 1 and cfg.deepspeed.zero_stage == 0:
-            # one process: DeepSpeed would still flatten and "all-reduce" every gradient each step (~5% of a CPU step)
+            # one process: DeepSpeed would still flatten and "all-reduce" every gradient each step (benchmarks/README.md)
             self.engine.enable_backward_allreduce = False
 
     def _open_run_folder(self) -> None:
