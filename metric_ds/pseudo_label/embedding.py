@@ -45,8 +45,7 @@ def load_embedder(model: str | Path | None) -> TextEmbedder:
     return TextEmbedder(net.eval(), tok, "encoder")
 
 
-def embed_texts(model: TextEmbedder, texts: list[str], batch_size: int = 128, max_seq_length: int = 128,
-                device: Any = None) -> np.ndarray:
+def embed_texts(model: TextEmbedder, texts: list[str], batch_size: int, max_seq_length: int, device: Any = None) -> np.ndarray:
     """Embed texts with :func:`metric_ds.encode.encode` (length-sorted batches, a progress bar, the GPU when
     there is one for ``device=None``); the output keeps the input order.
 
