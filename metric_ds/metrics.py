@@ -196,7 +196,8 @@ _warned_empty = False
 
 
 def retrieval_metrics(query_z: torch.Tensor, query_h: torch.Tensor, query_labels: torch.Tensor, bank: Any, *,
-                      recall_at_k: Sequence[int], knn_k: int, distance: str, query_chunk: int = 1024, bank_chunk: int = 8192) -> dict[str, float]:
+                      recall_at_k: Sequence[int], knn_k: int, distance: str, query_chunk: int = 1024,
+                      bank_chunk: int = 8192) -> dict[str, float]:
     """Recall@K and k-NN accuracy / macro-F1 of the queries against a database, on the database's device.
 
     Args:

@@ -23,7 +23,7 @@ from metric_ds.artifact import (
     read_training_table,
     resolve_model_folder,
 )
-from metric_ds.config import schema_field
+from metric_ds.config import schema_default, schema_field
 from metric_ds.data.io import read_table
 from metric_ds.data.labels import LabelMap, unseen_labels
 from metric_ds.data.validation import validate_frame
@@ -69,9 +69,9 @@ def evaluate(model_dir: str | Path, data: str | Path, bank_data: str | Path | No
              device: str | torch.device | None = None, length_sorted: bool = True) -> dict[str, Any]:
     """Evaluate an export on a table (on ``device``, default the GPU when there is one); returns the JSON-able
     results. ``recall_at_k``, ``knn_k`` and ``distance`` default to ``metric_validation``'s, as in training."""
-    recall_at_k = schema_field("metric_validation.recall_at_k").default if recall_at_k is None else recall_at_k
-    knn_k = schema_field("metric_validation.knn_k").default if knn_k is None else knn_k
-    distance = schema_field("metric_validation.distance").default if distance is None else distance
+    recall_at_k = schema_default("metric_validation.recall_at_k") if recall_at_k is None else recall_at_k
+    knn_k = schema_default("metric_validation.knn_k") if knn_k is None else knn_k
+    distance = schema_default("metric_validation.distance") if distance is None else distance
     model_dir = resolve_model_folder(model_dir)
     if bank_data is not None and not Path(bank_data).is_file():
         raise UserError(f"--bank-data: {bank_data} does not exist; give a prepared table to build the retrieval "
@@ -131,7 +131,8 @@ def format_results(results: dict[str, Any]) -> str:
 def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
     results = evaluate(args.model, args.data, args.bank_data, args.batch_size, args.max_seq_length,
                        args.recall_at_k, args.knn_k, args.distance, args.device)
-    output = Path(args.output) if args.output else Path(args.model) / "eval" / f"{Path(args.data).stem}.json"
+    output = Path(args.output) if args.output else \
+        resolve_model_folder(args.model) / "eval" / f"{Path(args.data).stem}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2))
     print(format_results(results))
