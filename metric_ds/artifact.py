@@ -106,7 +106,7 @@ def save_model(folder: str | Path, model: MetricClassifier, tokenizer: Any, *, l
     write_layout(out, model.heads_meta(), heads, read_max_seq_length(out), label_map.names)
 
 
-def write_sentence_transformers(folder: str | Path, strict: bool = False) -> None:
+def write_sentence_transformers(folder: str | Path, *, strict: bool = False) -> None:
     """(Re)write the sentence-transformers files of a model folder, in place, from its heads, labels and config.
 
     Args:

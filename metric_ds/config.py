@@ -552,3 +552,9 @@ def schema_field(key: str) -> FieldInfo:
     for section in sections:
         model = model.model_fields[section].annotation
     return model.model_fields[name]
+
+
+def schema_default(key: str) -> Any:
+    """The schema's default at a dotted key path (a fresh copy for list defaults), for library functions whose
+    default is the config's, e.g. ``schema_default("metric_validation.knn_k")``."""
+    return schema_field(key).get_default(call_default_factory=True)

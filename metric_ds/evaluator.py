@@ -106,9 +106,9 @@ def compute_metrics(
     temperature: float,
     batch_size: int,
     bank: Any = None,
-    recall_at_k: list[int] = (1, 5, 10),
-    knn_k: int = 10,
-    distance: str = "cos",
+    recall_at_k: Sequence[int],
+    knn_k: int,
+    distance: str,
     supcon_impl: str = "auto",
 ) -> dict[str, float]:
     """Metrics of one split (keys without the ``val/`` prefix).

@@ -36,6 +36,7 @@ from metric_ds.artifact import (
     read_training_table,
     resolve_model_folder,
 )
+from metric_ds.config import schema_default
 from metric_ds.data.io import load_frame
 from metric_ds.data.labels import LabelMap
 from metric_ds.encode import encode, pick_device
@@ -267,7 +268,7 @@ class LoadedModel:
         return self.build_bank(check_texts(df[text_column], f"{source}: column {text_column}"),
                                df[label_column].tolist(), batch_size, show_progress)
 
-    def knn(self, texts: Any, bank: ReferenceSet | None = None, k: int = 10, distance: str = "cos",
+    def knn(self, texts: Any, bank: ReferenceSet | None = None, k: int | None = None, distance: str | None = None,
             batch_size: int | None = None, show_progress: bool | None = None, bar: Any = None) -> KnnResult:
         """Label ``texts`` by a majority vote of their ``k`` nearest bank rows.
 
@@ -277,9 +278,11 @@ class LoadedModel:
         Args:
             texts: strings.
             bank: from :meth:`build_bank` or :meth:`bank_from_table`; ``None``: the export's training table.
-            k: neighbours that vote (at most the bank's size).
-            distance: ``"cos"`` on ``z`` or ``"l2"`` on ``h``.
+            k: neighbours that vote (at most the bank's size); ``None``: ``metric_validation.knn_k``'s default.
+            distance: ``"cos"`` on ``z`` or ``"l2"`` on ``h``; ``None``: ``metric_validation.distance``'s default.
         """
+        k = schema_default("metric_validation.knn_k") if k is None else k
+        distance = schema_default("metric_validation.distance") if distance is None else distance
         if distance not in ("cos", "l2"):
             raise UserError(f"distance must be 'cos' or 'l2', got {distance!r}")
         if k < 1:

@@ -195,9 +195,9 @@ def knn_vote(neighbour_labels: torch.Tensor, neighbour_scores: torch.Tensor) -> 
 _warned_empty = False
 
 
-def retrieval_metrics(query_z: torch.Tensor, query_h: torch.Tensor, query_labels: torch.Tensor, bank: Any,
-                      recall_at_k: Sequence[int] = (1, 5, 10), knn_k: int = 10, distance: str = "cos",
-                      query_chunk: int = 1024, bank_chunk: int = 8192) -> dict[str, float]:
+def retrieval_metrics(query_z: torch.Tensor, query_h: torch.Tensor, query_labels: torch.Tensor, bank: Any, *,
+                      recall_at_k: Sequence[int], knn_k: int, distance: str, query_chunk: int = 1024,
+                      bank_chunk: int = 8192) -> dict[str, float]:
     """Recall@K and k-NN accuracy / macro-F1 of the queries against a database, on the database's device.
 
     Args:

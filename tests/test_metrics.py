@@ -11,6 +11,7 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from metric_ds import metrics as M
 
+SETTINGS = {"recall_at_k": (1, 5, 10), "knn_k": 10, "distance": "cos"}  # metric_validation's defaults
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -212,13 +213,13 @@ def test_retrieval_metrics_empty_bank_warns_once(monkeypatch):
     empty = (torch.zeros(0, 4), torch.zeros(0, 6), torch.zeros(0, dtype=torch.long))
     q = (torch.randn(3, 4), torch.randn(3, 6), torch.tensor([0, 1, 2]))
     with pytest.warns(UserWarning, match="empty"):
-        assert M.retrieval_metrics(*q, empty) == {}
+        assert M.retrieval_metrics(*q, empty, **SETTINGS) == {}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert M.retrieval_metrics(*q, empty) == {}
+        assert M.retrieval_metrics(*q, empty, **SETTINGS) == {}
     no_queries = (torch.zeros(0, 4), torch.zeros(0, 6), torch.zeros(0, dtype=torch.long))
     db = (torch.randn(2, 4), torch.randn(2, 6), torch.tensor([0, 1]))
-    assert M.retrieval_metrics(*no_queries, db) == {}
+    assert M.retrieval_metrics(*no_queries, db, **SETTINGS) == {}
 
 
 @pytest.mark.parametrize("kwargs,match", [({"recall_at_k": []}, "recall_at_k"), ({"knn_k": 0}, "knn_k"),
@@ -226,7 +227,7 @@ def test_retrieval_metrics_empty_bank_warns_once(monkeypatch):
 def test_retrieval_metrics_rejects_bad_arguments(kwargs, match):
     q = (torch.randn(3, 4), torch.randn(3, 6), torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match=match):
-        M.retrieval_metrics(*q, (torch.randn(2, 4), torch.randn(2, 6), torch.tensor([0, 1])), **kwargs)
+        M.retrieval_metrics(*q, (torch.randn(2, 4), torch.randn(2, 6), torch.tensor([0, 1])), **{**SETTINGS, **kwargs})
 
 
 # ----------------------------------------------------------------------------------------------- geometry

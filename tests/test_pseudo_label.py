@@ -236,8 +236,8 @@ def test_batched_embeddings_keep_input_order(tiny_model_dir, tiny_run, which):
     texts = ["card", "my top up failed twice yesterday at the atm", "pin", "exchange fee for a transfer abroad",
              "lost card", "refund"]
     embedder = load_embedder(tiny_model_dir if which == "encoder" else tiny_run / "best")
-    batched = embed_texts(embedder, texts, batch_size=4, device="cpu")
-    alone = np.concatenate([embed_texts(embedder, [t], batch_size=1, device="cpu") for t in texts])
+    batched = embed_texts(embedder, texts, batch_size=4, max_seq_length=128, device="cpu")
+    alone = np.concatenate([embed_texts(embedder, [t], batch_size=1, max_seq_length=128, device="cpu") for t in texts])
     assert batched.shape == (len(texts), alone.shape[1]) and batched.dtype == np.float32
     np.testing.assert_allclose(batched, alone, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)

@@ -99,3 +99,11 @@ def test_output_table_and_summary_counts():
     assert summary["clusters"]["k"] == 2 and summary["clusters"]["passing"] == 2
     only, counts = output_table(texts, Y, result, ["a", "b"], Settings(metric_mask="labelled"))
     assert len(only) == 4 and counts["left_out_by_metric_mask"] == 6
+
+
+def test_a_run_folder_embeds_with_its_best_model(tiny_run):
+    """`pseudo-label --model RUN_DIR` takes the run's best/, as load, evaluate, predict and export do."""
+    from metric_ds.pseudo_label import load_embedder
+
+    assert load_embedder(tiny_run).kind == "export"
+    assert load_embedder(tiny_run / "best").kind == "export"

@@ -46,7 +46,7 @@ def embeddings(work: Path, texts: list[str], model: Path | None) -> tuple[np.nda
     if cache.exists():
         return np.load(cache), 0.0
     start = time.time()
-    x = embed_texts(load_embedder(model), texts, max_seq_length=64)
+    x = embed_texts(load_embedder(model), texts, batch_size=128, max_seq_length=64)
     np.save(cache, x)
     return x, time.time() - start
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,15 @@ from metric_ds.artifact import (
     read_training_table,
     resolve_model_folder,
 )
+from metric_ds.config import schema_default, schema_field
 from metric_ds.data.io import read_table
 from metric_ds.data.labels import LabelMap, unseen_labels
 from metric_ds.data.validation import validate_frame
 from metric_ds.encode import encode, pick_device
 from metric_ds.errors import UserError
 from metric_ds.metrics import accuracy, confusion_pairs, macro_f1, per_class_f1, retrieval_metrics
+
+EVAL_BATCH_SIZE = 128  # texts per forward pass; evaluation keeps no gradients, so this fits
 
 
 def _encode(df: Any, label_map: LabelMap, source: str) -> Any:
@@ -59,12 +63,15 @@ def embed_table(model: torch.nn.Module, tokenizer: Any, df: Any, max_seq_length:
     return {k: v.to(device) for k, v in {**out, **rows}.items()}
 
 
-def evaluate(model_dir: str | Path, data: str | Path, bank_data: str | Path | None = None, batch_size: int = 128,
-             max_seq_length: int | None = None, recall_at_k: list[int] = (1, 5, 10), knn_k: int = 10,
-             distance: str = "cos", device: str | torch.device | None = None,
-             length_sorted: bool = True) -> dict[str, Any]:
+def evaluate(model_dir: str | Path, data: str | Path, bank_data: str | Path | None = None,
+             batch_size: int = EVAL_BATCH_SIZE, max_seq_length: int | None = None,
+             recall_at_k: Sequence[int] | None = None, knn_k: int | None = None, distance: str | None = None,
+             device: str | torch.device | None = None, length_sorted: bool = True) -> dict[str, Any]:
     """Evaluate an export on a table (on ``device``, default the GPU when there is one); returns the JSON-able
-    results."""
+    results. ``recall_at_k``, ``knn_k`` and ``distance`` default to ``metric_validation``'s, as in training."""
+    recall_at_k = schema_default("metric_validation.recall_at_k") if recall_at_k is None else recall_at_k
+    knn_k = schema_default("metric_validation.knn_k") if knn_k is None else knn_k
+    distance = schema_default("metric_validation.distance") if distance is None else distance
     model_dir = resolve_model_folder(model_dir)
     if bank_data is not None and not Path(bank_data).is_file():
         raise UserError(f"--bank-data: {bank_data} does not exist; give a prepared table to build the retrieval "
@@ -124,7 +131,8 @@ def format_results(results: dict[str, Any]) -> str:
 def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
     results = evaluate(args.model, args.data, args.bank_data, args.batch_size, args.max_seq_length,
                        args.recall_at_k, args.knn_k, args.distance, args.device)
-    output = Path(args.output) if args.output else Path(args.model) / "eval" / f"{Path(args.data).stem}.json"
+    output = Path(args.output) if args.output else \
+        resolve_model_folder(args.model) / "eval" / f"{Path(args.data).stem}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2))
     print(format_results(results))
@@ -139,7 +147,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """The ``evaluate`` parser; ``--recall-at-k``, ``--knn-k`` and ``--distance`` are ``metric_validation``'s
     (:mod:`metric_ds.config`), as in validation during training."""
     from metric_ds.commands.arguments import add_field_argument
-    from metric_ds.config import schema_field
 
     sp = subparsers.add_parser("evaluate", help="evaluate an exported model on a prepared table")
     sp.add_argument("--model", required=True, help="an export folder, e.g. RUN_DIR/best")
@@ -147,7 +154,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sp.add_argument("--bank-data", default=None, help="table to build the retrieval bank from "
                     "(default: the model's training file)")
     sp.add_argument("--output", default=None, help="JSON file for the results (default: MODEL/eval/NAME.json)")
-    sp.add_argument("--batch-size", type=int, default=128)
+    sp.add_argument("--batch-size", type=int, default=EVAL_BATCH_SIZE)
     sp.add_argument("--max-seq-length", type=int, default=None)
     add_field_argument(sp, "--recall-at-k", schema_field("metric_validation.recall_at_k"))
     add_field_argument(sp, "--knn-k", schema_field("metric_validation.knn_k"))

@@ -33,19 +33,20 @@ class TextEmbedder:
 
 
 def load_embedder(model: str | Path | None) -> TextEmbedder:
-    """The bundled MiniLM (``None``), a metric_ds export (a folder with ``heads.json``, e.g. ``RUN/best``), or
-    any local HF encoder folder (mean pooling)."""
-    from metric_ds.artifact import HEADS_META, load_model
+    """The bundled MiniLM (``None``), a metric_ds export (a folder with ``heads.json``, e.g. ``RUN/best``, or the
+    run folder that holds it), or any local HF encoder folder (mean pooling)."""
+    from metric_ds.artifact import HEADS_META, load_model, resolve_model_folder
     from metric_ds.model import load_encoder
+    from metric_ds.run_folder import BEST
 
-    if model is not None and (Path(model) / HEADS_META).is_file():
-        net, tok = load_model(model)
+    if model is not None and any((folder / HEADS_META).is_file() for folder in (Path(model), Path(model) / BEST)):
+        net, tok = load_model(resolve_model_folder(model))
         return TextEmbedder(net, tok, "export")
     net, tok = load_encoder(None if model is None else str(model))
     return TextEmbedder(net.eval(), tok, "encoder")
 
 
-def embed_texts(model: TextEmbedder, texts: list[str], batch_size: int = 128, max_seq_length: int = 128,
+def embed_texts(model: TextEmbedder, texts: list[str], batch_size: int, max_seq_length: int,
                 device: Any = None) -> np.ndarray:
     """Embed texts with :func:`metric_ds.encode.encode` (length-sorted batches, a progress bar, the GPU when
     there is one for ``device=None``); the output keeps the input order.
