@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import subprocess
+import sys
 
 import pytest
+from conftest import REPO
 
 from metric_ds.cli import build_parser
-from metric_ds.commands import COMMANDS
+from metric_ds.commands import COMMANDS, module_name
 from metric_ds.commands.arguments import add_field_argument
 from metric_ds.commands.pseudo_label import FLAGS, Options
 from metric_ds.config import MetricValidationConfig, TrainingConfig, schema_field
@@ -26,14 +29,28 @@ def option(parser: argparse.ArgumentParser, flag: str) -> argparse.Action:
 
 
 def test_every_command_module_registers_and_runs():
-    names = []
     for name in COMMANDS:
-        module = importlib.import_module(f"metric_ds.commands.{name}")
+        module = importlib.import_module(module_name(name))
         assert callable(module.register) and callable(module.run), name
-        names.append(name.replace("_", "-"))
-    assert list(subparsers()) == names
+    assert list(subparsers()) == list(COMMANDS)
     for name, sp in subparsers().items():
-        assert sp.get_default("fn").__module__ == f"metric_ds.commands.{name.replace('-', '_')}"
+        assert sp.get_default("fn").__module__ == module_name(name)
+        assert sp.get_default("fn").__name__ == "run"
+
+
+def test_help_imports_no_command_module():
+    """``metric-ds --help`` (and any one command) imports only what it runs: no torch to list the commands."""
+    code = ("import sys; from metric_ds.cli import build_parser; build_parser(full=[]).format_help(); "
+            "print(sorted(m for m in sys.modules if m.startswith(('torch', 'pandas', 'metric_ds.commands.'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    assert out.strip() == "[]"
+
+
+def test_main_imports_the_named_command_only():
+    code = ("import sys; from metric_ds.cli import main; main(['--debug', 'env']); "
+            "print(sorted(m for m in sys.modules if m.startswith('metric_ds.commands.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    assert out.strip().splitlines()[-1] == "['metric_ds.commands.env']"
 
 
 @pytest.mark.parametrize("command", ["evaluate", "predict"])

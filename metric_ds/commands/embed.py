@@ -7,8 +7,7 @@ import argparse
 from metric_ds.commands.predict import add_inference_arguments, embed_command
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    sp = subparsers.add_parser("embed", help="embed the texts of a table with a trained model")
+def register(sp: argparse.ArgumentParser) -> None:
     add_inference_arguments(sp, ".parquet: an embedding column beside the input's; .npy: an N x D matrix")
     sp.add_argument("--which", choices=["z", "h"], default="z",
                     help="z: the SupCon embedding; h: the pooled vector the classifier reads")

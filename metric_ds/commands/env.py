@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    sp = subparsers.add_parser("env", help="versions, and whether the fused SupCon op is built for CPU and CUDA")
+def register(sp: argparse.ArgumentParser) -> None:
     sp.set_defaults(fn=run)
 
 

@@ -143,12 +143,11 @@ def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- the parser
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(sp: argparse.ArgumentParser) -> None:
     """The ``evaluate`` parser; ``--recall-at-k``, ``--knn-k`` and ``--distance`` are ``metric_validation``'s
     (:mod:`metric_ds.config`), as in validation during training."""
     from metric_ds.commands.arguments import add_field_argument
 
-    sp = subparsers.add_parser("evaluate", help="evaluate an exported model on a prepared table")
     sp.add_argument("--model", required=True, help="an export folder, e.g. RUN_DIR/best")
     sp.add_argument("--data", required=True, help="a prepared table to evaluate on")
     sp.add_argument("--bank-data", default=None, help="table to build the retrieval bank from "

@@ -66,8 +66,7 @@ def export_command(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------- the parser
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    sp = subparsers.add_parser("export", help="export a model for sentence-transformers (st) or ONNX Runtime (onnx)")
+def register(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("source", metavar="RUN_OR_MODEL", help="a run folder (its best/ is exported) or an export folder")
     sp.add_argument("--format", required=True, choices=list(FORMATS),
                     help="st: a sentence-transformers folder; onnx: model.onnx with the tokenizer beside it")

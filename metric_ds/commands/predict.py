@@ -20,7 +20,14 @@ import pyarrow as pa
 
 from metric_ds.artifact import resolve_model_folder
 from metric_ds.data.io import table_format
-from metric_ds.data.stream import NpyWriter, TableWriter, atomic_output, iter_chunks, output_format, scan_table
+from metric_ds.data.stream import (
+    NpyWriter,
+    TableWriter,
+    atomic_output,
+    iter_chunks,
+    output_format,
+    scan_table,
+)
 from metric_ds.errors import UserError, format_rows
 from metric_ds.inference import LoadedModel, load
 from metric_ds.progress import progress_bar
@@ -162,12 +169,11 @@ def add_inference_arguments(sp: argparse.ArgumentParser, outputs: str) -> None:
     sp.add_argument("--device", default=None, help="cuda, cuda:1, cpu... (default: the GPU when there is one)")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(sp: argparse.ArgumentParser) -> None:
     """The ``predict`` parser; ``--knn-k`` and ``--distance`` are ``metric_validation``'s (:mod:`metric_ds.config`)."""
     from metric_ds.commands.arguments import add_field_argument
     from metric_ds.config import schema_field
 
-    sp = subparsers.add_parser("predict", help="classify the texts of a table with a trained model")
     add_inference_arguments(sp, ".parquet, .csv or .jsonl")
     sp.add_argument("--top-k", type=int, default=1, help="also write the K best labels and their probabilities")
     sp.add_argument("--bank-data", default=None, help="labelled table (text, label): add knn_label, a k-NN vote")

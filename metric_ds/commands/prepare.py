@@ -7,8 +7,7 @@ import argparse
 from metric_ds.data.prepare import METRIC_MASK_CHOICES
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    sp = subparsers.add_parser("prepare", help="convert a CSV/Parquet/JSONL table into metric_ds's format")
+def register(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--input", required=True, help="input table (.csv, .parquet or .jsonl)")
     sp.add_argument("--output", required=True, help="output table (.parquet, .csv or .jsonl)")
     sp.add_argument("--text-column", default="text")

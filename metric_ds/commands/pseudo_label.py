@@ -98,10 +98,8 @@ def pseudo_label(options: Options, device: str | None = None) -> dict[str, Any]:
     return summary
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(sp: argparse.ArgumentParser) -> None:
     """The ``pseudo-label`` parser: every flag, its type, choices, default and help, read from :class:`Options`."""
-    sp = subparsers.add_parser(
-        "pseudo-label", help="label unlabelled rows from clusters or neighbours of the labelled ones")
     for name in FLAGS:
         field = Options.model_fields[name]
         add_field_argument(sp, flag(name), field, help=field.description)

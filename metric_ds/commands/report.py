@@ -4,8 +4,7 @@ from __future__ import annotations
 import argparse
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    sp = subparsers.add_parser("report", help="plots and an HTML report of a run")
+def register(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("run_dir", help="the run folder (checkpoints_dir/run_name)")
     sp.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report)")
     sp.set_defaults(fn=run)

@@ -10,8 +10,7 @@ import argparse
 from metric_ds.console import add_train_arguments, config_from_args
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    sp = subparsers.add_parser("train", help="train a model from a YAML config")
+def register(sp: argparse.ArgumentParser) -> None:
     add_train_arguments(sp)
     sp.set_defaults(fn=run)
 

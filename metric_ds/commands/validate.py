@@ -6,8 +6,7 @@ import argparse
 from metric_ds.console import add_config_arguments, config_from_args
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    sp = subparsers.add_parser("validate", help="check a config and the dataset it points to, and summarise the data")
+def register(sp: argparse.ArgumentParser) -> None:
     add_config_arguments(sp)
     sp.set_defaults(fn=run)
 
