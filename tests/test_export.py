@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_frame, run
 
 from metric_ds.artifact import load_model, save_model
 from metric_ds.cli import main
@@ -125,23 +124,12 @@ def test_onnx_runtime_matches_pytorch(tmp_path, tiny_model_dir, pooling, project
     assert meta["max_seq_length"] == str(MAX_LEN)
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
-    """A run folder from a 2-step training with a projection head (best/ written by the trainer)."""
-    tmp = tmp_path_factory.mktemp("run")
-    table = tmp / "train.parquet"
-    make_frame().to_parquet(table)
-    _, summary = run(tmp, tiny_model_dir, table, training__max_steps=2, training__eval_every_n_steps=2,
-                     model__projection_dim=8)
-    return Path(summary["run_dir"])
-
-
 def test_trained_best_is_a_sentence_transformers_folder(tiny_run):
     from sentence_transformers import SentenceTransformer
 
     best = tiny_run / "best"
     st = SentenceTransformer(str(best), device="cpu")
-    assert st.max_seq_length == MAX_LEN  # training.max_seq_length of tests/test_train.py's config
+    assert st.max_seq_length == MAX_LEN  # training.max_seq_length of conftest's tiny_run
     torch.testing.assert_close(st.encode(TEXTS, convert_to_tensor=True), reference(best)[2], atol=1e-5, rtol=0)
 
 
