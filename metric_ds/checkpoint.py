@@ -215,7 +215,7 @@ def resolve_resume(resume_from: str, run_dir: Path) -> Path:
     checkpoint folder whose files verify against its manifest.
 
     ``latest`` and a run or checkpoints folder take the newest checkpoint that verifies, with a warning when that
-    is not the one ``latest`` names; an explicit ``step-N`` folder must verify itself.
+    is not the one ``latest`` names, which names every checkpoint skipped and why; an explicit ``step-N`` folder must verify itself.
 
     Raises:
         UserError: if nothing resumable is there, or the named checkpoint is damaged.
@@ -231,8 +231,9 @@ def resolve_resume(resume_from: str, run_dir: Path) -> Path:
             raise UserError([f"training.resume_from: no checkpoint under {root} can be loaded:", *problems,
                              "Remove resume_from (or set checkpointing.overwrite: true) to start afresh"])
         if problems:
-            warnings.warn(f"training.resume_from: {problems[0]}; resuming from {chosen.name}, the newest checkpoint "
-                          "whose files verify", stacklevel=2)
+            warnings.warn(f"training.resume_from: skipped {len(problems)} checkpoint(s) that do not verify: "
+                          f"{'; '.join(problems)}; resuming from {chosen.name}, the newest checkpoint whose files "
+                          "verify", stacklevel=2)
         return chosen
     if (base / DS_TAG).is_dir() or (base / MANIFEST).is_file():
         why = verify_checkpoint(base)

@@ -39,10 +39,38 @@ def current_key(path: str) -> str:
 
 
 def _is_number_type(annotation: Any) -> bool:
-    """int or float (optionally with None), where a YAML ``true``/``yes`` must not pass for 1."""
+    """int or float, or a Literal of ints (optionally with None), where a YAML ``true``/``yes`` must not pass
+    for 1."""
     args = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
     args = tuple(a for a in args if a is not type(None))
-    return bool(args) and all(a in (int, float) for a in args)
+    return bool(args) and all(a in (int, float) or (get_origin(a) is Literal and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in get_args(a))) for a in args)
+
+
+# YAML 1.1 (PyYAML's safe_load) reads an unquoted yes/no/on/off (any case) as a boolean: the words that a key
+# whose choices include them gets back, so that ``progress: off`` means "off" as ``--set logging.progress=off`` does.
+_BOOL_WORDS: dict[bool, tuple[str, ...]] = {False: ("off", "no"), True: ("on", "yes")}
+
+
+def _choices(annotation: Any) -> tuple[str, ...]:
+    """The text choices of a Literal (optionally with None); () for any other type."""
+    args = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    return tuple(v for a in args if get_origin(a) is Literal for v in get_args(a) if isinstance(v, str))
+
+
+def _bool_as_word(value: bool, annotation: Any) -> str:
+    """The choice that YAML turned into ``value`` (``off``/``no`` for False, ``on``/``yes`` for True).
+
+    Raises:
+        ValueError: for a text key (free text, or choices none of which is such a word), saying to quote the word.
+    """
+    choices = _choices(annotation)
+    word = next((w for w in _BOOL_WORDS[value] if w in choices), None)
+    if word is None:
+        expected = f"must be one of {', '.join(map(repr, choices))}" if choices else "expected text"
+        raise ValueError(f"{expected}, got {str(value).lower()} (YAML reads an unquoted yes, no, on, off, true or "
+                         "false as a boolean: quote the word)")
+    return word
 
 
 def _is_text_type(annotation: Any) -> bool:
@@ -78,10 +106,14 @@ class _Section(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        if isinstance(value, bool) and _is_number_type(cls.model_fields[info.field_name].annotation):
+    def _yaml_bools(cls, value: Any, info: ValidationInfo) -> Any:
+        """A boolean is no number and no text; for a key whose choices include off/no (on/yes), it is that word."""
+        if not isinstance(value, bool):
+            return value
+        annotation = cls.model_fields[info.field_name].annotation
+        if _is_number_type(annotation):
             raise ValueError(f"expected a number, got {str(value).lower()}")
-        return value
+        return _bool_as_word(value, annotation) if _is_text_type(annotation) else value
 
 
 class ModelConfig(_Section):

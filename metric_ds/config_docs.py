@@ -62,7 +62,9 @@ them all with their defaults, ready to copy.
 without training.
 Every problem is reported at once, each with its full key path
 (`training.supcon_temperature: must be > 0, got -0.1`); an unknown key is refused with a "did you mean"
-suggestion; a number key refuses `true`/`false`; checks across sections name the key to change
+suggestion; a number key refuses `true`/`false`; YAML reads an unquoted `off`/`no` (`on`/`yes`) as false (true),
+so a key whose choices include the word takes it back (`progress: off` is "off"), and any other text key refuses
+a boolean and says to quote the word; checks across sections name the key to change
 (`checkpointing.save_best_by: 'knn_f1' is computed against the embedding bank, ...`). The resolved config is
 saved as `config.yaml` in the run folder and inside every checkpoint.
 

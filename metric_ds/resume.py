@@ -15,7 +15,8 @@ current ones:
   schedule does not depend on it, so that the lr does not jump: a ``constant`` or ``constant_with_warmup``
   schedule, or an explicit ``scheduler.num_training_steps``.
 * **Everything else** (the model, the batch, the seed, the loss, the optimizer, the schedule, the data) decides
-  the weights, the sampler's order or the shape of the saved state: a change is refused, with the list.
+  the weights, the sampler's order or the shape of the saved state: a change is refused, with the list. The model
+  is compared as what ``model_name`` loads, not as spelled: null and the bundled model's own path are one model.
 """
 from __future__ import annotations
 
@@ -62,6 +63,21 @@ def _safe(key: str) -> bool:
     return any(key == s or (s.endswith(".") and key.startswith(s)) for s in SAFE_KEYS)
 
 
+def _model_identity(name: Any) -> Any:
+    """What ``model_name`` loads, so that spellings of one model compare equal: ``None`` is the bundled model's
+    folder (as :func:`metric_ds.model.resolve_model_name` resolves it), a local folder its absolute path, and any
+    other value (a hub name) itself."""
+    from metric_ds.model import default_model_path
+
+    if name is None:
+        try:
+            name = default_model_path()
+        except UserError:  # the bundled model is not installed: only the spelling can be compared
+            return None
+    path = Path(str(name))
+    return str(path.resolve()) if path.is_dir() else name
+
+
 def check_resume(saved_config: dict[str, Any] | None, saved_fingerprint: str | None, config: dict[str, Any],
                  fingerprint: str, checkpoint: str) -> None:
     """Refuse a resume whose config or data changed in a way that breaks the run.
@@ -84,6 +100,8 @@ def check_resume(saved_config: dict[str, Any] | None, saved_fingerprint: str | N
     old = {current_key(k): v for k, v in flatten(saved_config).items()}
     new = flatten(config)
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not _safe(k))
+    if "model_name" in changed and _model_identity(old.get("model_name")) == _model_identity(new.get("model_name")):
+        changed.remove("model_name")  # null and the bundled model's path (or two paths of one folder): one model
     problems = []
     length = [k for k in changed if k in LENGTH_KEYS]
     schedule_fixed = (new.get("scheduler.name") in _LENGTH_FREE_SCHEDULES

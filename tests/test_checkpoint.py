@@ -74,3 +74,21 @@ def test_a_full_disk_during_a_save_is_a_clear_error(tmp_path, tiny_model_dir, ti
     assert "the previous checkpoint step-1 is intact" in msg
     root = tmp_path / "runs" / "t" / "checkpoints"
     assert not list(root.glob(".tmp-*")) and (root / "latest").read_text() == "step-1"
+
+
+def test_the_fallback_warning_names_every_checkpoint_it_skipped(tmp_path):
+    from metric_ds.checkpoint import write_manifest
+
+    root = tmp_path / "run" / "checkpoints"
+    for step in (1, 2, 3):
+        (root / f"step-{step}" / "ds").mkdir(parents=True)
+        (root / f"step-{step}" / "ds" / "model_states.pt").write_bytes(bytes(range(256)) * 8)
+        write_manifest(root / f"step-{step}")
+    (root / "latest").write_text("step-3")
+    _flip(root / "step-3" / "ds" / "model_states.pt", 0)
+    (root / "step-2" / "ds" / "model_states.pt").unlink()
+    with pytest.warns(UserWarning) as caught:
+        assert resolve_resume("latest", tmp_path / "run") == root / "step-1"
+    text = "\n".join(str(w.message) for w in caught)
+    assert "skipped 2 checkpoint(s)" in text and "resuming from step-1" in text
+    assert "step-3/ds/model_states.pt is damaged" in text and "step-2/ds/model_states.pt is missing" in text

@@ -233,3 +233,37 @@ def test_set_values_follow_the_schema_type(item, key, expected):
 def test_a_bool_is_not_a_number(item):
     with pytest.raises(UserError, match="expected a number, got true"):
         validate_config(apply_overrides({"data": {"train_path": "x"}}, [item]))
+
+
+@pytest.mark.parametrize("text, key, expected", [
+    ("logging: {progress: off}", "logging.progress", "off"),
+    ("logging: {progress: OFF}", "logging.progress", "off"),
+    ("training: {mixed_precision: no}", "training.mixed_precision", "no"),
+    ("training: {mixed_precision: No}", "training.mixed_precision", "no"),
+    ("checkpointing: {overwrite: yes}", "checkpointing.overwrite", True),  # a bool key takes the bool as it is
+])
+def test_yaml_on_off_words_are_the_choices_they_spell(tmp_path, text, key, expected):
+    """YAML 1.1 reads an unquoted off/no as false: a key whose choices include the word gets it back, from a file
+    as from --set."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data: {{train_path: x}}\n{text}\n")
+    section, name = key.split(".")
+    assert getattr(getattr(load_config(path), section), name) == expected
+    word = text.split(": ")[-1].rstrip("}")
+    if word == expected:  # --set takes a choice's text as typed
+        assert getattr(getattr(load_config(path, [f"{key}={word}"]), section), name) == expected
+
+
+@pytest.mark.parametrize("section, text, message", [
+    ("model", "pooling: yes", "must be one of 'mean', 'cls', 'pooler', got true (.*quote the word)"),
+    ("training", "mixed_precision: on", "must be one of 'no', 'fp16', 'bf16', got true (.*quote the word)"),
+    ("top", "run_name: no", "run_name: expected text, got false (.*quote the word)"),
+    ("training", "batch_size: yes", "expected a number, got true"),
+    ("deepspeed", "zero_stage: on", "deepspeed.zero_stage: expected a number, got true"),
+])
+def test_a_yaml_bool_elsewhere_is_refused_and_says_to_quote(tmp_path, section, text, message):
+    path = tmp_path / "c.yaml"
+    body = text if section == "top" else f"{section}:\n  {text}"
+    path.write_text(f"data: {{train_path: x}}\n{body}\n")
+    with pytest.raises(UserError, match=message):
+        load_config(path)

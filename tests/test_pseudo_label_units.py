@@ -3,6 +3,7 @@ model's errors (every bad flag at once, each named), and the output table and su
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from pydantic import ValidationError
 
@@ -20,6 +21,7 @@ from metric_ds.pseudo_label import (
     assign_by_knn,
     build_summary,
     output_table,
+    split_labelled,
 )
 
 # two tight groups: rows 0-4 near (1, 0), rows 5-9 near (0, 1); two labelled rows in each group
@@ -88,7 +90,8 @@ def test_command_options_check_outputs_and_embedding_with_the_settings():
 
 def test_output_table_and_summary_counts():
     result = ASSIGNERS["kmeans"](X, 2, Settings(k_multiple=1)).assign(Y)
-    texts = np.array([f"t{i}" for i in range(10)], dtype=object)
+    texts = pd.DataFrame({"text": [f"t{i}" for i in range(10)], "label": ["a", "a", None, None, None,
+                                                                         "b", "b", None, None, None]})
     table, counts = output_table(texts, Y, result, ["a", "b"], Settings(labelled_share=0.5))
     assert counts == {"written": 14, "pseudo_written": 6, "labelled_repeat": 2, "left_out_by_metric_mask": 0}
     assert table["text"].tolist()[:4] == ["t0", "t1", "t5", "t6"] and table["text"].tolist()[8:] == [
@@ -107,3 +110,55 @@ def test_a_run_folder_embeds_with_its_best_model(tiny_run):
 
     assert load_embedder(tiny_run).kind == "export"
     assert load_embedder(tiny_run / "best").kind == "export"
+
+
+def _rows_with_ids() -> pd.DataFrame:
+    """Y's rows as an input table with the user's own columns of several dtypes beside text and label."""
+    return pd.DataFrame({
+        "row_id": np.arange(100, 110, dtype=np.int64),
+        "text": [f"t{i}" for i in range(10)],
+        "label": ["a" if v == 0 else "b" if v == 1 else None for v in Y],
+        "group": pd.Categorical(["g1", "g2"] * 5),
+        "note": ["n0", None, "n2", None, "n4", None, "n6", None, "n8", None],
+        "flag": [True, False] * 5,
+        "weight": np.linspace(0, 1, 10, dtype=np.float32),
+    })
+
+
+@pytest.mark.parametrize("settings", [Settings(k_multiple=1), Settings(k_multiple=1, labelled_share=0.5),
+                                      Settings(k_multiple=1, metric_mask="labelled")])
+def test_output_table_keeps_every_input_column(settings):
+    """Every input column comes through unchanged (values and dtypes), so a pseudo-label traces back to its row by
+    the user's id; --labelled-share repeats a labelled row's columns with it."""
+    df = _rows_with_ids()
+    y, classes = split_labelled(df, "in.csv", settings)
+    result = ASSIGNERS["kmeans"](X, 2, settings).assign(y)
+    table, counts = output_table(df, y, result, classes, settings)
+    assert list(table.columns) == [*df.columns, "metric_mask", "classifier_mask", "source", "confidence"]
+    own = [c for c in df.columns if c != "label"]
+    assert all(table[c].dtype == df[c].dtype for c in own)
+    source = df.set_index("row_id").loc[table["row_id"]].reset_index()
+    pd.testing.assert_frame_equal(table[own], source[own])
+    repeat = counts["labelled_repeat"]
+    assert table["row_id"].value_counts().to_dict() == {
+        **{100 + i: repeat for i in np.flatnonzero(Y >= 0)},
+        **({100 + i: 1 for i in np.flatnonzero(Y < 0)} if settings.metric_mask == "all" else {})}
+    pseudo = table[table["source"] == "pseudo"]
+    assert pseudo["label"].tolist() == ["a" if i < 5 else "b" for i in pseudo["row_id"] - 100]
+
+
+@pytest.mark.parametrize("column", ["source", "confidence", "metric_mask", "classifier_mask"])
+def test_an_input_column_named_like_an_output_is_refused(tmp_path, capsys, column):
+    """The user's column is never overwritten: an input with a column that pseudo-label writes is refused, with
+    its name, before any model is loaded (as predict refuses one)."""
+    from metric_ds.cli import main
+
+    df = _rows_with_ids().assign(**{column: 1})
+    with pytest.raises(UserError, match=rf"in.csv: already has column\(s\) {column}, which pseudo-label writes; "
+                                        "rename or drop them"):
+        split_labelled(df, "in.csv", Settings())
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.parquet"
+    df.to_json(src, orient="records", lines=True)
+    assert main(["pseudo-label", "--input", str(src), "--output", str(out), "--model", str(tmp_path / "none")]) == 1
+    err = capsys.readouterr().err
+    assert f"already has column(s) {column}" in err and "Traceback" not in err and not out.exists()

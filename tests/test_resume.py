@@ -96,3 +96,14 @@ def test_resume_on_other_data_is_refused(checkpointed, tiny_model_dir, tmp_path)
     df.to_parquet(other)
     with pytest.raises(UserError, match="training data differ"):
         run(tmp_path, tiny_model_dir, other, training__resume_from="latest", **common)
+
+
+def test_check_resume_compares_the_resolved_model_not_its_spelling(tiny_model_dir):
+    from metric_ds.model import default_model_path
+
+    bundled = default_model_path()
+    check_resume({"model_name": None}, "f", {"model_name": bundled}, "f", "ckpt")
+    check_resume({"model_name": bundled}, "f", {"model_name": None}, "f", "ckpt")
+    check_resume({"model_name": str(tiny_model_dir)}, "f", {"model_name": f"{tiny_model_dir}/."}, "f", "ckpt")
+    with pytest.raises(UserError, match="model_name: None in the checkpoint"):
+        check_resume({"model_name": None}, "f", {"model_name": str(tiny_model_dir)}, "f", "ckpt")

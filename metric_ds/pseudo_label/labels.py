@@ -6,12 +6,14 @@ import pandas as pd
 
 from metric_ds.errors import UserError, format_rows
 from metric_ds.pseudo_label.settings import Settings
+from metric_ds.pseudo_label.table import column_clashes
 
 
 def split_labelled(df: pd.DataFrame, source: str, settings: Settings) -> tuple[np.ndarray, list]:
     """Check the input table and encode its labels.
 
-    A row whose ``label`` is null or empty (whitespace only) is unlabelled. Refused: missing columns, bad text,
+    A row whose ``label`` is null or empty (whitespace only) is unlabelled. Refused: missing columns, a column
+    that pseudo-label writes (:func:`~metric_ds.pseudo_label.table.column_clashes`), bad text,
     no labelled row, no unlabelled row, labels of mixed types, and (kmeans) a class with fewer labelled rows
     than ``min_labelled``, which no cluster could ever give to a row.
 
@@ -26,7 +28,7 @@ def split_labelled(df: pd.DataFrame, source: str, settings: Settings) -> tuple[n
         raise UserError(f"{source}: missing column(s) {', '.join(missing)}; the table has "
                         f"{', '.join(map(str, df.columns))}. pseudo-label needs text and label (empty for "
                         "unlabelled rows)")
-    problems = []
+    problems = column_clashes(df, source)
     bad_text = [i for i, t in enumerate(df["text"].tolist()) if not isinstance(t, str) or not t.strip()]
     if bad_text:
         problems.append(f"{source}: column text: null, empty or non-text values in {format_rows(bad_text)}; "

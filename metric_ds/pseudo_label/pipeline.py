@@ -34,5 +34,5 @@ def pseudo_label_frame(df: pd.DataFrame, x: np.ndarray, y: np.ndarray, classes: 
     assigner = ASSIGNERS[settings.method](x, len(classes), settings)
     result = assigner.assign(y)
     estimate = estimate_precision(assigner.assign, y, settings.holdout_fraction, settings.seed)
-    table, counts = output_table(df["text"].to_numpy(), y, result, classes, settings)
+    table, counts = output_table(df, y, result, classes, settings)
     return table, build_summary(y, result, classes, settings, estimate, counts)

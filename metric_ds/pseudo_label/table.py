@@ -1,8 +1,11 @@
 """The output of pseudo-labelling: the training table that ``metric-ds train`` reads as it is.
 
-Labelled rows get ``classifier_mask = 1`` (and ``metric_mask = 1``); pseudo-labelled rows get
-``classifier_mask = 0, metric_mask = 1``, so that they serve only SupCon; ``source`` (``labelled``/``pseudo``) and
-``confidence`` columns say where each label came from.
+Every input column is kept, values and dtypes unchanged (row ids trace a pseudo-label back to its row), except
+``label``, filled in on the pseudo-labelled rows. Labelled rows get ``classifier_mask = 1`` (and
+``metric_mask = 1``); pseudo-labelled rows get ``classifier_mask = 0, metric_mask = 1``, so that they serve only
+SupCon; ``source`` (``labelled``/``pseudo``) and ``confidence`` columns say where each label came from. An input
+that already has one of these :data:`WRITTEN_COLUMNS` is refused (:func:`column_clashes`), as ``predict`` refuses
+one named like its outputs: nothing of the user's is overwritten.
 """
 from __future__ import annotations
 
@@ -11,6 +14,17 @@ import pandas as pd
 
 from metric_ds.pseudo_label.assign import Assignment
 from metric_ds.pseudo_label.settings import Settings
+
+# the columns pseudo-label adds after the input's own, in this order
+WRITTEN_COLUMNS = ("metric_mask", "classifier_mask", "source", "confidence")
+
+
+def column_clashes(df: pd.DataFrame, source: str) -> list[str]:
+    """The problem (none or one) of an input table that has a column pseudo-label writes."""
+    clash = [c for c in WRITTEN_COLUMNS if c in df.columns]
+    if not clash:
+        return []
+    return [f"{source}: already has column(s) {', '.join(clash)}, which pseudo-label writes; rename or drop them"]
 
 
 def repeat_labelled(table: pd.DataFrame, share: float) -> tuple[pd.DataFrame, int]:
@@ -27,35 +41,40 @@ def repeat_labelled(table: pd.DataFrame, share: float) -> tuple[pd.DataFrame, in
     return pd.concat([lab] * r + [rest], ignore_index=True), r
 
 
-def output_table(texts: np.ndarray, y: np.ndarray, result: Assignment, classes: list,
+def _rows(df: pd.DataFrame, rows: np.ndarray, labels: np.ndarray, classifier_mask: int, source: str,
+          confidence: float | np.ndarray) -> pd.DataFrame:
+    """``df``'s ``rows`` with their ``labels`` and the :data:`WRITTEN_COLUMNS` (``metric_mask`` is 1)."""
+    part = df.iloc[rows].reset_index(drop=True)
+    part["label"] = labels
+    return part.assign(metric_mask=1, classifier_mask=classifier_mask, source=source, confidence=confidence)
+
+
+def output_table(df: pd.DataFrame, y: np.ndarray, result: Assignment, classes: list,
                  settings: Settings) -> tuple[pd.DataFrame, dict[str, int]]:
     """The training table: labelled rows first (``settings.labelled_share`` repeating them, see
     :func:`repeat_labelled`), then pseudo-labelled rows, each in input order.
 
     Args:
-        texts: text per row, shape (N,).
+        df: the input table (``text``, ``label`` and any other columns), N rows.
         y: class id per row, -1 for unlabelled, shape (N,).
         result: the pseudo-labels of the unlabelled rows.
         classes: class names by id.
         settings: ``metric_mask`` (``labelled`` leaves the pseudo-labelled rows out) and ``labelled_share``.
 
     Returns:
-        ``(table, counts)``: the table (``text``, ``label``, ``metric_mask``, ``classifier_mask``, ``source``,
-        ``confidence``) and the summary's counts of what it holds (``written``, ``pseudo_written``,
-        ``labelled_repeat``, ``left_out_by_metric_mask``).
+        ``(table, counts)``: the table (every column of ``df`` in its order, ``label`` filled in, then
+        ``metric_mask``, ``classifier_mask``, ``source``, ``confidence``) and the summary's counts of what it holds
+        (``written``, ``pseudo_written``, ``labelled_repeat``, ``left_out_by_metric_mask``).
     """
     lab, pseudo = np.flatnonzero(y >= 0), np.flatnonzero(result.labels >= 0)
     names = np.array(classes, dtype=object)
-    parts = [pd.DataFrame({"text": texts[lab], "label": names[y[lab]],
-                           "metric_mask": 1, "classifier_mask": 1, "source": "labelled", "confidence": 1.0})]
+    parts = [_rows(df, lab, names[y[lab]], 1, "labelled", 1.0)]
     if settings.metric_mask == "labelled":
         # as in `prepare --metric-mask labelled`: SupCon on the labelled rows only, so a pseudo-labelled row
         # would take part in neither loss and is left out
         left_out, pseudo_written = len(pseudo), 0
     else:
-        parts.append(pd.DataFrame({"text": texts[pseudo], "label": names[result.labels[pseudo]],
-                                   "metric_mask": 1, "classifier_mask": 0, "source": "pseudo",
-                                   "confidence": result.confidence[pseudo]}))
+        parts.append(_rows(df, pseudo, names[result.labels[pseudo]], 0, "pseudo", result.confidence[pseudo]))
         left_out, pseudo_written = 0, len(pseudo)
     table = pd.concat(parts, ignore_index=True)
     repeat = 1
@@ -63,5 +82,5 @@ def output_table(texts: np.ndarray, y: np.ndarray, result: Assignment, classes: 
         table, repeat = repeat_labelled(table, settings.labelled_share)
     if all(isinstance(c, int) for c in classes):
         table["label"] = table["label"].astype("int64")
-    return table, {"written": int(len(table)), "pseudo_written": pseudo_written, "labelled_repeat": repeat,
+    return table, {"written": len(table), "pseudo_written": pseudo_written, "labelled_repeat": repeat,
                    "left_out_by_metric_mask": left_out}
