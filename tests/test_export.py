@@ -94,7 +94,7 @@ def test_a_pooler_sentence_transformers_cannot_reproduce_is_left_out_or_refused(
     assert main(["export", str(best), "--format", "st", "--output", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert "not of model_type 'deberta-v2'" in err and "--format onnx" in err
-    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-*"))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*partial*"))
 
 
 @pytest.mark.slow
@@ -209,7 +209,7 @@ def test_a_missing_optional_package_names_the_install(tmp_path, tiny_model_dir, 
     best = make_export(tmp_path / "best", tiny_model_dir)
     assert main(["export", str(best), "--format", "onnx", "--output", str(tmp_path / "out")]) == 1
     assert "needs the optional package onnxscript" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-*"))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*partial*"))
 
 
 def readme_block(marker: str) -> str:
