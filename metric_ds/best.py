@@ -76,7 +76,7 @@ class BestKeeper:
             had_best = (self.run_dir / run_folder.BEST).is_dir()
             try:
                 run_folder.swap_in_best(self.run_dir, write)
-            except Exception as exc:  # noqa: BLE001 - safetensors and tokenizers raise their own errors on a full disk
+            except Exception as exc:  # safetensors and tokenizers raise their own errors on a full disk
                 if not isinstance(exc, (OSError, SafetensorError)) and io_errno(exc) is None:
                     raise
                 kept = "the previous best/ is intact" if had_best else "there is no best/ yet"

@@ -44,23 +44,23 @@ def unwritable(monkeypatch: pytest.MonkeyPatch, folder: Path, code: int) -> None
     def fail(path: object) -> OSError:
         return OSError(code, os.strerror(code), os.fsdecode(path))
 
-    def fake_open(file, mode="r", *args, **kwargs):  # noqa: ANN001
+    def fake_open(file, mode="r", *args, **kwargs):
         if any(c in mode for c in "wax+") and _under(file, folder):
             raise fail(file)
         return real_open(file, mode, *args, **kwargs)
 
-    def fake_os_open(path, flags, *args, **kwargs):  # noqa: ANN001
+    def fake_os_open(path, flags, *args, **kwargs):
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and _under(path, folder):
             raise fail(path)
         return real_os_open(path, flags, *args, **kwargs)
 
-    def fake_mkdir(path, *args, **kwargs):  # noqa: ANN001
+    def fake_mkdir(path, *args, **kwargs):
         if _under(path, folder):
             raise fail(path)
         return real_mkdir(path, *args, **kwargs)
 
-    def guard(real):  # noqa: ANN001, ANN202
-        def renamed(src, dst, *args, **kwargs):  # noqa: ANN001
+    def guard(real):
+        def renamed(src, dst, *args, **kwargs):
             if _under(dst, folder):
                 raise fail(dst)
             return real(src, dst, *args, **kwargs)
@@ -102,10 +102,10 @@ def test_describe_io_error_reads_the_errno_of_library_errors(tmp_path):
 
 def test_atomic_output_turns_oserror_into_one_user_error_and_leaves_nothing(tmp_path):
     target = tmp_path / "out.csv"
-    with pytest.raises(UserError, match=rf"could not write --output {target}: no space left on device; free"):
-        with outputs.atomic_output(target, what="--output ") as tmp:
-            tmp.write_text("half")
-            raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(UserError, match=rf"could not write --output {target}: no space left on device; free"), \
+            outputs.atomic_output(target, what="--output ") as tmp:
+        tmp.write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
     assert list(tmp_path.iterdir()) == []
     with outputs.atomic_output(target) as tmp:
         tmp.write_text("whole")
@@ -198,7 +198,8 @@ def full_disk(tmp_path) -> Iterator[Path]:
     """A tmpfs of 256 KiB, filled: every write into it fails with ENOSPC. Skipped where mounting is not allowed."""
     mnt = tmp_path / "full"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True,
+                      check=False).returncode:
         pytest.skip("cannot mount a tmpfs here (not root, or no mount namespace)")
     try:
         with open(mnt / "filler", "wb") as fh:
