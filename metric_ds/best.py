@@ -8,15 +8,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from metric_ds import distributed as D
 from metric_ds import run_folder
 from metric_ds.artifact import save_model
-from metric_ds.checkpoint import describe_io_error
 from metric_ds.config import Config
 from metric_ds.data.labels import LabelMap
-from metric_ds.errors import UserError
+from metric_ds.errors import UserError, describe_io_error, io_errno
 from metric_ds.metrics import lower_is_better
+from metric_ds.outputs import io_fix
 
 
 def is_better(value: float | None, best: float | None, key: str) -> bool:
@@ -72,10 +73,14 @@ class BestKeeper:
             def write(folder: Path) -> None:
                 write_best(folder, state_dict, module, self.tokenizer, self.cfg, self.label_map, record, step)
 
+            had_best = (self.run_dir / run_folder.BEST).is_dir()
             try:
                 run_folder.swap_in_best(self.run_dir, write)
-            except OSError as exc:
+            except Exception as exc:  # safetensors and tokenizers raise their own errors on a full disk
+                if not isinstance(exc, (OSError, SafetensorError)) and io_errno(exc) is None:
+                    raise
+                kept = "the previous best/ is intact" if had_best else "there is no best/ yet"
                 raise UserError(f"could not export best/ to {self.run_dir}: {describe_io_error(exc, self.run_dir)} "
-                                "(the previous best/ is intact)") from None
+                                f"({kept}); {io_fix(exc)} (checkpointing.checkpoints_dir)") from None
         if D.is_dist():
             torch.distributed.barrier()

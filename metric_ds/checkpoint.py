@@ -22,7 +22,6 @@ cause, removes the partial folder and leaves the previous checkpoint as it was.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import io
 import json
@@ -38,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from metric_ds import distributed as D
-from metric_ds.errors import UserError
+from metric_ds.errors import UserError, describe_io_error
 
 LATEST = "latest"
 DS_TAG = "ds"
@@ -130,19 +129,6 @@ def _looks_like_io(exc: RuntimeError) -> bool:
     """torch.save reports a failed write (a full disk) as a RuntimeError such as 'unexpected pos N vs M'."""
     text = str(exc).lower()
     return any(s in text for s in ("unexpected pos", "file write failed", "no space", "write failed"))
-
-
-def describe_io_error(exc: BaseException, where: Path) -> str:
-    """A short cause for a failed write: the OS's words, or the free space where the write failed."""
-    if isinstance(exc, OSError) and exc.errno is not None:
-        return os.strerror(exc.errno).lower()
-    try:
-        free = shutil.disk_usage(where).free
-    except OSError:
-        return str(exc).splitlines()[0]
-    if free < 64 * 2**20:
-        return os.strerror(errno.ENOSPC).lower()
-    return f"the write failed ({str(exc).splitlines()[0][:120]})"
 
 
 def _sha256(path: Path) -> str:

@@ -6,6 +6,10 @@ messages as an ``error: ...`` line on stderr and exits with status 1, without a 
 """
 from __future__ import annotations
 
+import errno
+import os
+import re
+import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,39 @@ class UserError(ValueError):
 
 class EnvironmentProblem(RuntimeError):
     """A missing piece of the environment (a compiled op, a GPU, an optional package), with the fix."""
+
+
+# how libraries that do not raise an OSError quote the OS's error number: "[Errno 28] ..." (pyarrow),
+# "... (os error 28)" (safetensors, tokenizers)
+_ERRNO_IN_TEXT = re.compile(r"\[errno (\d+)\]|\(os error (\d+)\)", re.IGNORECASE)
+
+
+def io_errno(exc: BaseException) -> int | None:
+    """The OS's error number of a failed write: the ``OSError``'s, or the one a library's message quotes."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.errno
+    found = _ERRNO_IN_TEXT.search(str(exc))
+    return int(found.group(1) or found.group(2)) if found else None
+
+
+def describe_io_error(exc: BaseException, where: Path) -> str:
+    """A short cause for a failed write: the OS's words (from the error or its text), or the free space where the
+    write failed.
+
+    Args:
+        exc: what the write raised (an ``OSError``, or a library's own error that quotes the OS's).
+        where: the folder written to (or a folder above it), whose free space explains an unspecific error.
+    """
+    number = io_errno(exc)
+    if number is not None:
+        return os.strerror(number).lower()
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return (str(exc).splitlines() or [type(exc).__name__])[0]
+    if free < 64 * 2**20:
+        return os.strerror(errno.ENOSPC).lower()
+    return f"the write failed ({(str(exc).splitlines() or [type(exc).__name__])[0][:120]})"
 
 
 def read_mapping(path: Path, what: str, fmt: str, parse: Callable[[str], Any], parse_errors: type[Exception],

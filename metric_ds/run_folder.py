@@ -76,7 +76,10 @@ def repair_best(run_dir: Path) -> None:
 
 
 def swap_in_best(run_dir: Path, write: Callable[[Path], None]) -> Path:
-    """Write a new ``best/`` with ``write(folder)`` and swap it in; returns the ``best/`` path."""
+    """Write a new ``best/`` with ``write(folder)`` and swap it in; returns the ``best/`` path.
+
+    When ``write`` or a rename fails, the partial folder is removed, the previous ``best/`` (if any) is left as it
+    was, and the error is raised again."""
     run_dir = Path(run_dir)
     best, tmp, old = run_dir / BEST, run_dir / TMP_BEST, run_dir / OLD_BEST
     shutil.rmtree(tmp, ignore_errors=True)
@@ -87,9 +90,15 @@ def swap_in_best(run_dir: Path, write: Callable[[Path], None]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
-    if best.exists():
-        os.replace(best, old)
-    os.replace(tmp, best)
+    try:
+        if best.exists():
+            os.replace(best, old)
+        os.replace(tmp, best)
+    except OSError:
+        if old.is_dir() and not best.exists():
+            os.replace(old, best)  # the previous best/ back where it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     (best / COMPLETE).unlink(missing_ok=True)
     shutil.rmtree(old, ignore_errors=True)
     return best

@@ -68,6 +68,42 @@ def test_a_failed_export_keeps_the_previous_best(trainer, monkeypatch):
     assert json.loads((trainer.run_dir / "best" / "metrics.json").read_text())["step"] == 1
 
 
+def test_a_full_disk_on_the_first_export_says_there_is_no_best_yet(trainer, monkeypatch):
+    """safetensors reports a full disk as its own SafetensorError, not an OSError."""
+    from safetensors import SafetensorError
+
+    def full_disk(folder, *args, **kwargs):
+        (folder / "model.safetensors").parent.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"half")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(best_mod, "write_best", full_disk)
+    with pytest.raises(UserError) as exc:
+        trainer.best.save({"val/loss": 1.0}, 1)
+    message = str(exc.value)
+    assert f"could not export best/ to {trainer.run_dir}: no space left on device (there is no best/ yet)" in message
+    assert "previous best/ is intact" not in message and "checkpointing.checkpoints_dir" in message
+    assert not any(p.name in ("best", ".tmp-best", ".old-best") for p in trainer.run_dir.iterdir())
+
+
+def test_a_full_disk_while_writing_best_is_one_error(tmp_path, tiny_model_dir, tiny_table):
+    """A real full disk: the run folder on a small tmpfs (where the test may mount one), no periodic checkpoints."""
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        with pytest.raises(UserError, match=r"could not export best/ to .*: no space left on device "
+                                            r"\(there is no best/ yet\)"):
+            run(tmp_path, tiny_model_dir, tiny_table, training__max_steps=2, training__eval_every_n_steps=1,
+                checkpointing__checkpoints_dir=str(mnt), checkpointing__save_every_n_batches=None)
+        assert not {"best", ".tmp-best", ".old-best"} & {p.name for p in (mnt / "t").iterdir()}
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
 def _limited_table(tmp_path: Path, labelled_per_class: int) -> Path:
     df = make_frame(160, num_classes=4)
     df["classifier_mask"] = 0

@@ -115,7 +115,7 @@ def test_atomic_write_leaves_old_output_on_failure(tmp_path, source, monkeypatch
         raise OSError("disk full")
 
     monkeypatch.setattr(pd.DataFrame, "to_parquet", broken)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(UserError, match=rf"could not write {out}: .*disk full"):
         prepare(source, out, "utterance", "intent", classifier_per_class=2)
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv", "o.parquet"]  # no temporary file left

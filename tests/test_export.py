@@ -2,6 +2,7 @@
 BERTs, the ``metric-ds export`` command on run and export folders, its refusals, and the README's code blocks."""
 from __future__ import annotations
 
+import errno
 import json
 import re
 import sys
@@ -94,7 +95,7 @@ def test_a_pooler_sentence_transformers_cannot_reproduce_is_left_out_or_refused(
     assert main(["export", str(best), "--format", "st", "--output", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert "not of model_type 'deberta-v2'" in err and "--format onnx" in err
-    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-*"))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*partial*"))
 
 
 @pytest.mark.slow
@@ -189,6 +190,53 @@ def test_export_refuses_bad_input(tmp_path, tiny_model_dir, capsys, case):
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
 
 
+@pytest.mark.parametrize("call, code, words", [
+    ("mkdir", errno.EROFS, "read-only file system"),  # --output on a read-only mount
+    ("replace", errno.EBUSY, "a mount point?"),  # --output is the mount point itself
+    ("mkdir", errno.EPERM, "immutable"),  # chattr +i on the parent
+])
+def test_an_unwritable_target_is_one_error_line(tmp_path, tiny_model_dir, monkeypatch, capsys, call, code, words):
+    import os
+
+    best = make_export(tmp_path / "best", tiny_model_dir)
+    output = tmp_path / "target" / "out"
+    output.mkdir(parents=True)  # an empty folder: export may replace it
+    real = getattr(os, call)
+
+    def refused(path, *args, **kwargs):  # noqa: ANN001
+        target = args[0] if call == "replace" else path
+        if Path(target).parent == output.parent:
+            raise OSError(code, os.strerror(code), str(target))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, call, refused)
+    capsys.readouterr()
+    assert main(["export", str(best), "--format", "st", "--output", str(output)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and "Traceback" not in err, err
+    assert f"--output {output}: {os.strerror(code).lower()}" in err and words in err
+    assert sorted(p.name for p in output.parent.iterdir()) == ["out"] and not any(output.iterdir())
+
+
+def test_a_mount_point_as_output_is_one_error_line(tmp_path, tiny_model_dir, capsys):
+    """A real mount point where the test may mount a tmpfs: renaming onto it is refused (EBUSY)."""
+    import subprocess
+
+    best = make_export(tmp_path / "best", tiny_model_dir)
+    output = tmp_path / "mnt"
+    output.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(output)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        capsys.readouterr()
+        assert main(["export", str(best), "--format", "st", "--output", str(output)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("error: ") == 1 and "Traceback" not in err and f"--output {output}: " in err, err
+        assert not list(tmp_path.glob(".*partial*"))
+    finally:
+        subprocess.run(["umount", "-l", str(output)], check=False)
+
+
 def test_unknown_format_is_refused(tmp_path, tiny_model_dir, capsys):
     from metric_ds.commands.export import export
     from metric_ds.errors import UserError
@@ -209,7 +257,7 @@ def test_a_missing_optional_package_names_the_install(tmp_path, tiny_model_dir, 
     best = make_export(tmp_path / "best", tiny_model_dir)
     assert main(["export", str(best), "--format", "onnx", "--output", str(tmp_path / "out")]) == 1
     assert "needs the optional package onnxscript" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-*"))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*partial*"))
 
 
 def readme_block(marker: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from conftest import records, run
@@ -43,6 +44,26 @@ def test_a_kill_between_the_best_renames_is_repaired(tmp_path, tmp_complete):
     run_folder.repair_best(run_dir)
     assert (run_dir / "best" / "which").read_text() == ("new" if tmp_complete else "old")
     assert not (run_dir / ".old-best").exists() and not (run_dir / ".tmp-best").exists()
+
+
+def test_a_failed_swap_keeps_the_previous_best(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    run_dir = tmp_path / "r"
+    run_folder.swap_in_best(run_dir, lambda f: (f.mkdir(parents=True), (f / "which").write_text("old")))
+    real = os.replace
+
+    def refused(src, dst):  # the rename of the new best/ into place fails, after the old one moved aside
+        if Path(src).name == run_folder.TMP_BEST:
+            raise OSError(errno.EPERM, "Operation not permitted")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", refused)
+    with pytest.raises(OSError):
+        run_folder.swap_in_best(run_dir, lambda f: (f.mkdir(), (f / "which").write_text("new")))
+    assert (run_dir / "best" / "which").read_text() == "old"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["best"]
 
 
 def test_resume_keeps_one_history_and_a_finished_run_its_summary(tmp_path, tiny_model_dir, tiny_table):

@@ -30,6 +30,7 @@ from metric_ds.data.validation import validate_frame
 from metric_ds.encode import encode, pick_device
 from metric_ds.errors import UserError
 from metric_ds.metrics import accuracy, confusion_pairs, macro_f1, per_class_f1, retrieval_metrics
+from metric_ds.outputs import write_output_text
 
 EVAL_BATCH_SIZE = 128  # texts per forward pass; evaluation keeps no gradients, so this fits
 
@@ -133,8 +134,7 @@ def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
                        args.recall_at_k, args.knn_k, args.distance, args.device)
     output = Path(args.output) if args.output else \
         resolve_model_folder(args.model) / "eval" / f"{Path(args.data).stem}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2))
+    write_output_text(output, json.dumps(results, indent=2), what="--output " if args.output else "")
     print(format_results(results))
     print(f"wrote {output}")
     return results

@@ -3,7 +3,8 @@
 ``st`` copies the export (encoder, tokenizer, heads, labels, config) and (re)writes its sentence-transformers
 files (:mod:`metric_ds.st_layout`); ``onnx`` writes ``model.onnx`` with the tokenizer and labels beside it (see
 :mod:`metric_ds.export`).
-The output folder appears whole or not at all: it is built beside its destination and renamed into place.
+The output folder appears whole or not at all: it is built beside its destination and renamed into place
+(:func:`metric_ds.outputs.atomic_output`); a folder that cannot be written is one ``error:`` line.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from metric_ds.artifact import resolve_model_folder, write_sentence_transformers
 from metric_ds.errors import UserError
 from metric_ds.export import export_onnx
+from metric_ds.outputs import atomic_output, output_errors
 
 FORMATS = ("st", "onnx")
 
@@ -21,7 +23,9 @@ FORMATS = ("st", "onnx")
 def _check_output(output: Path) -> None:
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output}: a file of that name exists; give a new folder")
-    if output.is_dir() and any(output.iterdir()):
+    with output_errors(output, "--output "):
+        not_empty = output.is_dir() and any(output.iterdir())
+    if not_empty:
         raise UserError(f"--output {output}: the folder exists and is not empty; give a new or empty folder "
                         "(export never overwrites)")
 
@@ -33,16 +37,15 @@ def export(source: str | Path, fmt: str, output: str | Path) -> Path:
         the export folder that was read.
 
     Raises:
-        UserError: an unknown format, a source that is not an export, an output folder that is not empty.
+        UserError: an unknown format, a source that is not an export, an output folder that is not empty or
+            cannot be written.
     """
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: unknown export format; use one of {', '.join(FORMATS)}")
     output = Path(output)
     _check_output(output)
     folder = resolve_model_folder(source)
-    tmp = output.parent / f".tmp-{output.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_output(output, folder=True, what="--output ") as tmp:
         if fmt == "st":
             shutil.copytree(folder, tmp, ignore=shutil.ignore_patterns("eval"))
             write_sentence_transformers(tmp, strict=True)
@@ -50,11 +53,6 @@ def export(source: str | Path, fmt: str, output: str | Path) -> Path:
             diffs = export_onnx(folder, tmp)
             print("ONNX Runtime vs PyTorch, largest difference: "
                   + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
-        if output.is_dir():
-            output.rmdir()  # empty (checked above)
-        tmp.rename(output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

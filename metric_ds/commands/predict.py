@@ -20,16 +20,10 @@ import pyarrow as pa
 
 from metric_ds.artifact import resolve_model_folder
 from metric_ds.data.io import table_format
-from metric_ds.data.stream import (
-    NpyWriter,
-    TableWriter,
-    atomic_output,
-    iter_chunks,
-    output_format,
-    scan_table,
-)
+from metric_ds.data.stream import NpyWriter, TableWriter, iter_chunks, output_format, scan_table
 from metric_ds.errors import UserError, format_rows
 from metric_ds.inference import LoadedModel, load
+from metric_ds.outputs import atomic_output
 from metric_ds.progress import progress_bar
 
 log = logging.getLogger("metric_ds")
@@ -105,7 +99,7 @@ def predict_command(args: argparse.Namespace) -> None:
     if bank is not None:
         knn_dtype = "Int64" if bank.label_map.to_json()["type"] == "int" else pd.StringDtype()
     k = min(args.top_k, model.label_map.num_classes)
-    with atomic_output(job.output) as tmp, TableWriter(tmp, job.out_format) as writer, \
+    with atomic_output(job.output, what="--output ") as tmp, TableWriter(tmp, job.out_format) as writer, \
             progress_bar(job.rows, "predict", unit="rows") as bar:
         for chunk, ok, texts in job.chunks():
             new: dict[str, pd.Series] = {}
@@ -134,7 +128,7 @@ def embed_command(args: argparse.Namespace) -> None:
     job = prepare_job(args, ("parquet", "npy"))
     model = job.model
     dim = model.model.output_dims()[args.which]
-    with atomic_output(job.output) as tmp, progress_bar(job.rows, "embed", unit="rows") as bar:
+    with atomic_output(job.output, what="--output ") as tmp, progress_bar(job.rows, "embed", unit="rows") as bar:
         writer = NpyWriter(tmp, job.rows, dim) if job.out_format == "npy" else TableWriter(tmp, "parquet")
         with writer:
             for chunk, ok, texts in job.chunks():

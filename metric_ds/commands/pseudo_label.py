@@ -19,6 +19,7 @@ from metric_ds.commands.arguments import add_field_argument
 from metric_ds.config import schema_field
 from metric_ds.data.io import read_table, table_format
 from metric_ds.data.prepare import write_table
+from metric_ds.outputs import write_output_text
 from metric_ds.pseudo_label import (
     Settings,
     embed_texts,
@@ -93,8 +94,7 @@ def pseudo_label(options: Options, device: str | None = None) -> dict[str, Any]:
     summary["input"], summary["output"] = options.input, options.output
     write_table(table, options.output)
     if options.summary is not None:
-        Path(options.summary).parent.mkdir(parents=True, exist_ok=True)
-        Path(options.summary).write_text(json.dumps(summary, indent=2))
+        write_output_text(options.summary, json.dumps(summary, indent=2), what="--summary ")
     return summary
 
 

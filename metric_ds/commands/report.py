@@ -11,7 +11,11 @@ def register(sp: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from metric_ds.outputs import output_errors
     from metric_ds.report import build_report
 
-    path = build_report(args.run_dir, args.out)
+    with output_errors(args.out or Path(args.run_dir) / "report", "--out " if args.out else ""):
+        path = build_report(args.run_dir, args.out)
     print(f"report: {path}")

@@ -3,7 +3,6 @@ cases: every row in both losses, or limited manual labelling (a stratified subse
 ``metric_mask`` is 1 for all rows, or only for the labelled ones)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from metric_ds.data.io import read_table, table_format
 from metric_ds.data.notices import warn
 from metric_ds.data.validation import validate_frame
 from metric_ds.errors import UserError
+from metric_ds.outputs import atomic_output
 
 METRIC_MASK_CHOICES = ("all", "labelled")
 
@@ -43,21 +43,17 @@ def classifier_subset(labels: np.ndarray, fraction: float | None, per_class: int
 
 
 def write_table(df: pd.DataFrame, output: str | Path) -> None:
-    """Write by extension (Parquet, CSV or JSON Lines), atomically: a temporary file renamed into place."""
+    """Write by extension (Parquet, CSV or JSON Lines), atomically (:func:`metric_ds.outputs.atomic_output`: a
+    partial file renamed into place; a failed write is a :class:`~metric_ds.errors.UserError` naming ``output``)."""
     output = Path(output)
     fmt = table_format(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_output(output) as tmp:
         if fmt == "parquet":
             df.to_parquet(tmp, index=False)
         elif fmt == "csv":
             df.to_csv(tmp, index=False, encoding="utf-8")
         else:
             df.to_json(tmp, orient="records", lines=True, force_ascii=False)
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _check_options(output: str | Path, text_column: str, label_column: str, classifier_fraction: float | None,

@@ -1,14 +1,13 @@
 """Tables too large for memory: read in chunks of rows, written chunk by chunk, published only when complete.
 
 Reading keeps every column. Parquet columns keep their Arrow types; CSV columns are read as text (a CSV has
-no types, and ``"001"`` stays ``"001"``); JSON Lines values keep their JSON types. Output goes to a hidden
-temporary file beside the target, renamed over it at the end, so a failed run leaves nothing behind.
+no types, and ``"001"`` stays ``"001"``); JSON Lines values keep their JSON types. The writers write to the
+hidden partial of :func:`metric_ds.outputs.atomic_output`, renamed over the target at the end, so a failed run
+leaves nothing behind.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -108,21 +107,6 @@ def scan_table(path: str | Path, column: str, chunk_rows: int = 100_000) -> int:
     return rows
 
 
-@contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside ``path``, renamed to ``path`` when the block succeeds and removed when it fails."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path}: is a folder; give an output file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 class TableWriter:
     """Appends DataFrames to a Parquet, CSV or JSON Lines file.
 
@@ -168,8 +152,8 @@ class TableWriter:
     def __enter__(self) -> TableWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        _close(self, exc_type is not None)
 
 
 class NpyWriter:
@@ -204,5 +188,14 @@ class NpyWriter:
     def __enter__(self) -> NpyWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        _close(self, exc_type is not None)
+
+
+def _close(writer: TableWriter | NpyWriter, failed: bool) -> None:
+    """Close ``writer``; after a failure, an error of the close itself (a full disk again) is not a second one."""
+    try:
+        writer.close()
+    except OSError:
+        if not failed:
+            raise
