@@ -4,6 +4,7 @@ traceback, never a silent fallback (``"pooling": "evil"`` once predicted as mean
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -110,7 +111,6 @@ def test_every_command_refuses_a_damaged_export_in_one_line(damaged, command, ta
     assert len(lines) == 1, err
     assert str(folder) in lines[0], err
     assert "Traceback" not in err
-    import re
     assert re.search(message, lines[0]), lines[0]
     assert not out.exists() or not any(out.iterdir())  # nothing written
 
