@@ -65,20 +65,20 @@ class HeadsMeta(BaseModel):
 
 
 class LabelsFile(BaseModel):
-    """``labels.json``: the classes in id order, all of the one type that ``type`` names
-    (:meth:`metric_ds.data.labels.LabelMap.to_json`)."""
+    """``labels.json``: the classes in id order, all of one type: the one that ``type`` names
+    (:meth:`metric_ds.data.labels.LabelMap.to_json`), or the first name's where it names none."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    type: Literal["int", "str"] = "str"
+    type: Literal["int", "str"] | None = None
     names: list[int | str] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _one_type_distinct(self) -> LabelsFile:
-        kind = int if self.type == "int" else str
-        wrong = [n for n in self.names if not isinstance(n, kind)]
+        kind = self.type or type(self.names[0]).__name__
+        wrong = [n for n in self.names if type(n).__name__ != kind]
         if wrong:
-            raise ValueError(f"names: {', '.join(map(repr, wrong[:3]))} are not of type {self.type}")
+            raise ValueError(f"names: {', '.join(map(repr, wrong[:3]))} are not of type {kind}")
         seen: set[Any] = set()
         repeated = sorted({repr(n) for n in self.names if n in seen or seen.add(n)})
         if repeated:

@@ -60,6 +60,8 @@ DAMAGE = {
     "labels_no_names": (_write("labels.json", '{"type": "str"}'), r"labels\.json: names: is required"),
     "labels_duplicates": (_write("labels.json", '{"type": "str", "names": ["a", "a", "b", "c"]}'),
                           r"labels\.json: names: .*distinct.*'a'"),
+    "labels_mixed_types": (_write("labels.json", '{"names": ["a", 2, "c", "d"]}'),
+                           r"labels\.json: names: 2 are not of type str"),
     "labels_int_type_of_words": (_write("labels.json", '{"type": "int", "names": ["a", "b", "c", "d"]}'),
                                  r"labels\.json: names: .*type int"),
     "weights_truncated": (_truncate("heads.safetensors", 0.6), r"heads\.safetensors: unreadable"),
@@ -148,8 +150,16 @@ def test_the_heads_schema_takes_pooling_from_the_training_config():
     assert get_args(artifact.HeadsMeta.model_fields["pooling"].annotation) == choices
 
 
-def test_a_sound_export_still_loads_and_validates(tiny_run):
+def test_a_sound_export_still_loads_and_validates(tiny_run, tmp_path):
     meta = artifact.read_heads_meta(tiny_run / "best")
     assert meta.num_classes == 4 and meta.projection_dim == 16 and meta.pooling == "mean"
+    assert artifact.check_model_folder(tiny_run / "best") == (meta, artifact.read_labels(tiny_run / "best"))
+    older = tmp_path / "older"  # labels.json without its type, heads.json without classifier_dropout
+    shutil.copytree(tiny_run / "best", older)
+    _write("labels.json", json.dumps({"names": artifact.read_labels(older).names}))(older)
+    heads = json.loads((older / "heads.json").read_text())
+    heads.pop("classifier_dropout")
+    _write("heads.json", json.dumps(heads))(older)
+    assert artifact.load_model(older)[0].classifier_dropout == 0.0
     model = metric_ds.load(tiny_run, device="cpu")
     assert model.labels == artifact.read_labels(tiny_run / "best").names
