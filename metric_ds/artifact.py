@@ -13,22 +13,28 @@ A model folder is a standard Hugging Face folder plus metric_ds's heads, labels 
 
 Training writes it with :func:`save_model`; ``metric_ds.load``, ``metric-ds evaluate``, ``export``,
 ``predict``, ``embed`` and ``pseudo-label --model`` find it with :func:`resolve_model_folder` and read it with
-:func:`load_model` and the ``read_*`` functions here.
+:func:`load_model` and the ``read_*`` functions here. Its metadata is checked whenever a folder is found or loaded:
+``heads.json`` against :class:`HeadsMeta`, ``labels.json`` against :class:`LabelsFile`, and the tensors that
+``heads.safetensors`` holds against both (:func:`check_model_folder`), so that a damaged folder is one error naming
+the file and the field, never a traceback or a model that silently computes something else.
 """
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from metric_ds.config import Config, TrainingConfig, save_config
+from metric_ds.config import Config, TrainingConfig, save_config, schema_field
+from metric_ds.config import _describe as describe_schema_error
 from metric_ds.data.labels import LabelMap
-from metric_ds.errors import UserError
+from metric_ds.errors import UserError, read_mapping
 from metric_ds.model import MetricClassifier, load_encoder
 from metric_ds.run_folder import BEST
 from metric_ds.st_layout import write_layout
@@ -41,13 +47,72 @@ CONFIG = "metric_ds_config.yaml"
 TRAINING_DATA = "training_data.json"
 # the truncation length of a folder whose config does not say: the training config's default
 DEFAULT_MAX_SEQ_LENGTH: int = TrainingConfig.model_fields["max_seq_length"].default
+# what to do about a damaged folder, ending each message about one
+DAMAGED = "the model folder is damaged: copy it again from where it was made (a run's best/), or train again"
+# the pooling choices are the training config's (model.pooling): one home
+Pooling = schema_field("model.pooling").annotation
+
+
+class HeadsMeta(BaseModel):
+    """``heads.json``: the heads' constructor arguments (:meth:`metric_ds.model.MetricClassifier.heads_meta`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    pooling: Pooling
+    num_classes: int = Field(ge=1)
+    projection_dim: int | None = Field(gt=0)
+    classifier_dropout: float = Field(0.0, ge=0, lt=1)  # absent from the oldest folders; no effect in eval mode
+
+
+class LabelsFile(BaseModel):
+    """``labels.json``: the classes in id order, all of one type: the one that ``type`` names
+    (:meth:`metric_ds.data.labels.LabelMap.to_json`), or the first name's where it names none."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    type: Literal["int", "str"] | None = None
+    names: list[int | str] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_type_distinct(self) -> LabelsFile:
+        kind = self.type or type(self.names[0]).__name__
+        wrong = [n for n in self.names if type(n).__name__ != kind]
+        if wrong:
+            raise ValueError(f"names: {', '.join(map(repr, wrong[:3]))} are not of type {kind}")
+        seen: set[Any] = set()
+        repeated = sorted({repr(n) for n in self.names if n in seen or seen.add(n)})
+        if repeated:
+            raise ValueError(f"names: must be distinct, but {', '.join(repeated[:5])} appear more than once")
+        return self
+
+
+def _read_json(path: Path, schema: type[BaseModel]) -> Any:
+    """The file at ``path`` validated by ``schema``, or one :class:`UserError` naming the file and every bad field."""
+    try:
+        data = read_mapping(path, "file of the model folder", "JSON", json.loads, json.JSONDecodeError, DAMAGED)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON (not UTF-8 text: {exc.reason} at byte {exc.start}); "
+                        f"{DAMAGED}") from None
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            if err["type"] == "extra_forbidden":
+                key, message = str(err["loc"][-1]), f"unknown key; known: {', '.join(schema.model_fields)}"
+            else:
+                key, message = describe_schema_error(err)
+            problems.append(f"{key}: {message}")
+        raise UserError(f"{path}: {'; '.join(problems)}; {DAMAGED}") from None
 
 
 def resolve_model_folder(path: str | Path) -> Path:
-    """The model folder at ``path``: the folder itself, or a run folder's ``best/``.
+    """The model folder at ``path``: the folder itself, or a run folder's ``best/``; its metadata checked
+    (:func:`check_model_folder`).
 
     Raises:
-        UserError: ``path`` is missing, holds no model folder, or its model folder has no ``labels.json``.
+        UserError: ``path`` is missing, holds no model folder, or its model folder has no ``labels.json`` or is
+            damaged.
     """
     path = Path(path)
     if not path.exists():
@@ -58,6 +123,7 @@ def resolve_model_folder(path: str | Path) -> Path:
             if not (folder / LABELS).is_file():
                 raise UserError(f"{folder}: has no {LABELS}, so predictions could not be named; "
                                 f"use a folder written by metric-ds train (a run's {BEST}/)")
+            check_model_folder(folder)
             return folder
     raise UserError(f"{path} is neither a metric_ds export (it has no {HEADS_META}) nor a run folder with an export "
                     f"(no {BEST}/{HEADS_META}); give RUN_DIR or RUN_DIR/{BEST} of a run that validated at least once")
@@ -114,11 +180,92 @@ def write_sentence_transformers(folder: str | Path, *, strict: bool = False) -> 
         strict: raise when the layout cannot be written (see :func:`metric_ds.st_layout.write_layout`).
 
     Raises:
-        UserError: with ``strict``, when the pooler cannot be reproduced.
+        UserError: a damaged folder (:func:`check_model_folder`); with ``strict``, a pooler that cannot be
+            reproduced.
     """
     folder = Path(folder)
-    write_layout(folder, json.loads((folder / HEADS_META).read_text()), load_file(str(folder / HEADS_WEIGHTS)),
-                 read_max_seq_length(folder), read_label_names(folder), strict)
+    meta, _ = check_model_folder(folder)
+    write_layout(folder, meta.model_dump(), load_file(str(folder / HEADS_WEIGHTS)), read_max_seq_length(folder),
+                 read_label_names(folder), strict)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def read_heads_meta(folder: str | Path) -> HeadsMeta:
+    """``heads.json``, validated.
+
+    Raises:
+        UserError: the file is not JSON, not a mapping, or a field is missing, unknown or bad; naming each.
+    """
+    return _read_json(Path(folder) / HEADS_META, HeadsMeta)
+
+
+def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The name and shape of each tensor of a safetensors file, from its header (no weights are read).
+
+    Raises:
+        UserError: the file is unreadable, truncated or not a safetensors file.
+    """
+    try:
+        with safe_open(str(path), "pt") as fh:
+            return {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}  # noqa: SIM118 - no iter
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"{path}: unreadable, truncated or not a safetensors file ({exc}); {DAMAGED}") from None
+
+
+def read_head_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
+    """The name and shape of each tensor in ``heads.safetensors`` (its header only).
+
+    Raises:
+        UserError: the file is unreadable, truncated or not a safetensors file.
+    """
+    return _tensor_shapes(Path(folder) / HEADS_WEIGHTS)
+
+
+def _heads_problems(folder: Path, meta: HeadsMeta, labels: LabelMap | None,
+                    shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """How ``heads.json``, ``labels.json`` and the tensors of ``heads.safetensors`` disagree (empty: they agree)."""
+    problems = []
+    classes = shapes.get("classifier.weight", (None,))[0]
+    if meta.num_classes != classes or (labels is not None and labels.num_classes != meta.num_classes):
+        named = f"{LABELS} names {labels.num_classes} classes and " if labels is not None else ""
+        held = f"a classifier for {classes}" if classes is not None else "no classifier"
+        problems.append(f"{folder / HEADS_META}: num_classes is {meta.num_classes}, but {named}{HEADS_WEIGHTS} "
+                        f"holds {held}")
+    projection = shapes.get("projection.weight", (None,))[0]
+    if meta.projection_dim != projection:
+        held = f"a projection to {projection}" if projection is not None else "no projection"
+        problems.append(f"{folder / HEADS_META}: projection_dim is {json.dumps(meta.projection_dim)}, but "
+                        f"{HEADS_WEIGHTS} holds {held}")
+    expected = {f"{head}.{part}" for head in ("classifier", "projection") for part in ("weight", "bias")
+                if head == "classifier" or meta.projection_dim is not None}
+    if not problems and set(shapes) != expected:
+        problems.append(f"{folder / HEADS_WEIGHTS}: holds tensors {', '.join(sorted(shapes))}; {HEADS_META} asks "
+                        f"for {', '.join(sorted(expected))}")
+    return problems
+
+
+def check_model_folder(folder: str | Path) -> tuple[HeadsMeta, LabelMap | None]:
+    """Check a model folder's metadata without loading its weights: ``heads.json`` and ``labels.json`` (when there
+    is one) against their schemas, the tensors of ``heads.safetensors`` against both, and that every safetensors
+    file is whole (its header covers the file).
+
+    Returns:
+        ``(heads.json, labels.json or None)``.
+
+    Raises:
+        UserError: one message naming the damaged file, the field and what it should be.
+    """
+    folder = Path(folder)
+    meta = read_heads_meta(folder)
+    labels = read_labels(folder) if (folder / LABELS).is_file() else None
+    problems = _heads_problems(folder, meta, labels, read_head_shapes(folder))
+    for encoder_weights in sorted(folder.glob("model*.safetensors")):  # one file, or the shards of a large one
+        _tensor_shapes(encoder_weights)
+    if problems:
+        raise UserError(f"{'; '.join(problems)}; {DAMAGED}")
+    return meta, labels
 
 
 def load_model(folder: str | Path, attn_implementation: str = "sdpa") -> tuple[MetricClassifier, Any]:
@@ -128,26 +275,35 @@ def load_model(folder: str | Path, attn_implementation: str = "sdpa") -> tuple[M
         ``(model, tokenizer)`` with the model in eval mode, on the CPU.
 
     Raises:
-        UserError: the folder has no ``heads.json``, or heads that do not match it.
+        UserError: the folder has no ``heads.json``, or is damaged (:func:`check_model_folder`), or its heads
+            do not fit its encoder (vectors of another width).
     """
     folder = Path(folder)
     if not (folder / HEADS_META).is_file():
         raise UserError(f"{folder} is not a metric_ds export: it has no {HEADS_META} (expected a run's {BEST}/ "
                         "folder)")
-    meta = json.loads((folder / HEADS_META).read_text())
+    meta, _ = check_model_folder(folder)
+    heads = load_file(str(folder / HEADS_WEIGHTS))
     encoder, tokenizer = load_encoder(str(folder), attn_implementation)
-    model = MetricClassifier(encoder, meta["num_classes"], meta["pooling"], meta["projection_dim"],
-                             meta.get("classifier_dropout", 0.0))
-    missing, unexpected = model.load_state_dict(load_file(str(folder / HEADS_WEIGHTS)), strict=False)
-    if unexpected or any(not k.startswith("encoder.") for k in missing):
-        raise UserError(f"{folder / HEADS_WEIGHTS}: heads do not match {HEADS_META}: missing {missing}, "
-                        f"unexpected {unexpected}")
+    model = MetricClassifier(encoder, meta.num_classes, meta.pooling, meta.projection_dim, meta.classifier_dropout)
+    wanted = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("encoder.")}
+    held = {k: tuple(v.shape) for k, v in heads.items()}
+    if held != wanted:
+        diff = [f"{k} holds {held.get(k, 'nothing')} where {wanted.get(k, 'nothing')} is needed"
+                for k in sorted(set(held) | set(wanted)) if held.get(k) != wanted.get(k)]
+        raise UserError(f"{folder / HEADS_WEIGHTS}: {'; '.join(diff)} (by {HEADS_META} and the encoder's "
+                        f"config.json, hidden_size {encoder.config.hidden_size}); {DAMAGED}")
+    model.load_state_dict(heads, strict=False)  # the encoder's weights are loaded already
     return model.eval(), tokenizer
 
 
 def read_labels(folder: str | Path) -> LabelMap:
-    """The classifier's labels (``labels.json``)."""
-    return LabelMap.load(Path(folder) / LABELS)
+    """The classifier's labels (``labels.json``), validated.
+
+    Raises:
+        UserError: the file is not JSON, or its names are missing, of another type than it says, or repeated.
+    """
+    return LabelMap(_read_json(Path(folder) / LABELS, LabelsFile).names)
 
 
 def read_label_names(folder: str | Path) -> list[Any] | None:

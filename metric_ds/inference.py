@@ -43,6 +43,7 @@ from metric_ds.encode import encode, pick_device
 from metric_ds.errors import UserError
 from metric_ds.metrics import knn_search, knn_vote
 from metric_ds.model import MetricClassifier
+from metric_ds.preflight import check_max_seq_length
 
 DEFAULT_BATCH_SIZE = 64
 # old name -> new name, importable with a DeprecationWarning
@@ -311,14 +312,17 @@ def load(path: str | Path, device: str | torch.device | None = None, max_seq_len
         batch_size: texts per forward pass.
 
     Raises:
-        UserError: ``path`` is not an export.
+        UserError: ``path`` is not an export or is damaged, or ``max_seq_length`` is not one the encoder can read.
     """
     folder = resolve_model_folder(path)
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     model, tokenizer = load_model(folder)
-    return LoadedModel(model, tokenizer, read_labels(folder), max_seq_length or read_max_seq_length(folder),
-                       pick_device(device), batch_size, folder)
+    if max_seq_length is None:
+        max_seq_length = read_max_seq_length(folder)
+    else:
+        check_max_seq_length(max_seq_length, model.encoder.config, "max_seq_length", str(folder))
+    return LoadedModel(model, tokenizer, read_labels(folder), max_seq_length, pick_device(device), batch_size, folder)
 
 
 def __getattr__(name: str) -> Any:

@@ -83,7 +83,7 @@ def test_command_options_check_outputs_and_embedding_with_the_settings():
     messages = info.value.messages
     assert len(messages) == 5
     assert "--neighbours must be >= 1, got 0" in messages and "--batch-size must be >= 1, got 0" in messages
-    assert "--max-seq-length must be >= 2, got 1" in messages and "--summary s.txt: give a .json file" in messages
+    assert "--max-seq-length must be > 1, got 1" in messages and "--summary s.txt: give a .json file" in messages
     assert any(m.startswith("--output out.xlsx: unknown table extension '.xlsx'") for m in messages)
     assert Options(input="i.csv", output="o.parquet", margin=0.5).settings() == Settings(margin=0.5)
 

@@ -31,6 +31,7 @@ from metric_ds.encode import encode, pick_device
 from metric_ds.errors import UserError
 from metric_ds.metrics import accuracy, confusion_pairs, macro_f1, per_class_f1, retrieval_metrics
 from metric_ds.outputs import write_output_text
+from metric_ds.preflight import check_max_seq_length
 
 EVAL_BATCH_SIZE = 128  # texts per forward pass; evaluation keeps no gradients, so this fits
 
@@ -83,6 +84,8 @@ def evaluate(model_dir: str | Path, data: str | Path, bank_data: str | Path | No
     label_map = read_labels(model_dir)
     if max_seq_length is None:
         max_seq_length = read_max_seq_length(model_dir)
+    else:
+        check_max_seq_length(max_seq_length, model.encoder.config, "--max-seq-length", str(model_dir))
     df = _encode(validate_frame(read_table(data), str(data)), label_map, str(data))
     out = embed_table(model, tokenizer, df, max_seq_length, batch_size, device, length_sorted)
     names = label_map.names

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator
 
@@ -37,6 +37,11 @@ TRAINED_MODEL_CAVEAT = ("optimistic: --model was trained on these labelled rows,
                         "benchmarks/results/limited_labels.md)")
 
 
+# training.max_seq_length's type and bounds (one home); the model's position limit is checked once it is loaded
+SEQ_LENGTH = schema_field("training.max_seq_length")
+SeqLength = Annotated[(int, *SEQ_LENGTH.metadata)]
+
+
 class Options(Settings):
     """The command line of ``metric-ds pseudo-label``: the pseudo-labelling settings plus the input, the outputs
     and the embedding. Every field is the flag of the same name; every bad value is reported at once."""
@@ -47,8 +52,7 @@ class Options(Settings):
                                                 "(default: the bundled all-MiniLM-L6-v2)")
     summary: str | None = Field(None, description="also write the summary to this JSON file")
     batch_size: int = Field(128, ge=1, description="embedding batch size")
-    max_seq_length: int = Field(schema_field("training.max_seq_length").default, ge=2,
-                                description="embedding truncation length")
+    max_seq_length: SeqLength = Field(SEQ_LENGTH.default, description="embedding truncation length")
 
     @field_validator("output")
     @classmethod
@@ -79,13 +83,18 @@ def pseudo_label(options: Options, device: str | None = None) -> dict[str, Any]:
         The summary.
 
     Raises:
-        UserError: an unreadable or unusable input table, or a model that cannot be loaded; nothing is written
-            then. (Bad options are refused earlier, when ``options`` is made.)
+        UserError: an unreadable or unusable input table, a model that cannot be loaded, or a
+            ``--max-seq-length`` beyond its positions; nothing is written then. (Bad options are refused earlier,
+            when ``options`` is made.)
     """
+    from metric_ds.preflight import check_max_seq_length
+
     settings = options.settings()
     df = read_table(options.input)
     y, classes = split_labelled(df, options.input, settings)
     embedder = load_embedder(options.model)
+    check_max_seq_length(options.max_seq_length, embedder.encoder_config, flag("max_seq_length"),
+                         options.model or "bundled all-MiniLM-L6-v2")
     x = embed_texts(embedder, df["text"].tolist(), options.batch_size, options.max_seq_length, device)
     table, summary = pseudo_label_frame(df, x, y, classes, settings)
     summary["model"] = "bundled all-MiniLM-L6-v2" if options.model is None else options.model

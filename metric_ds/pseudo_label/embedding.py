@@ -20,6 +20,11 @@ class TextEmbedder:
     def __init__(self, model: Any, tokenizer: Any, kind: str):
         self.model, self.tokenizer, self.kind = model, tokenizer, kind
 
+    @property
+    def encoder_config(self) -> Any:
+        """The encoder's Hugging Face config (its position limit, for ``--max-seq-length``)."""
+        return self.model.encoder.config if self.kind == "export" else self.model.config
+
     def __call__(self, input_ids: Any, attention_mask: Any, **extra: Any) -> Any:
         """Unit-norm embeddings, shape (B, dim), float32."""
         import torch.nn.functional as F
