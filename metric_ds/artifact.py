@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from metric_ds.config import Config, TrainingConfig, save_config, schema_field
-from metric_ds.config import _describe as describe_schema_error
+from metric_ds.config import describe_schema_error
 from metric_ds.data.labels import LabelMap
 from metric_ds.errors import UserError, read_mapping
 from metric_ds.model import MetricClassifier, load_encoder

@@ -426,8 +426,8 @@ def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _describe(err: dict[str, Any]) -> tuple[str, str]:
-    """Turn one pydantic error into (key path, message)."""
+def describe_schema_error(err: dict[str, Any]) -> tuple[str, str]:
+    """Turn one pydantic error into (key path, message): the config's, and the model folder's schemas'."""
     loc = tuple(p for p in err["loc"] if p not in ("function-after",))
     path = ".".join(str(p) for p in loc) or "<root>"
     ctx = err.get("ctx") or {}
@@ -459,7 +459,7 @@ def _describe(err: dict[str, Any]) -> tuple[str, str]:
 def _format_errors(exc: ValidationError, source: str) -> UserError:
     messages = []
     for err in exc.errors():
-        path, message = _describe(err)
+        path, message = describe_schema_error(err)
         messages.append(f"{source}: {path}: {message}")
     return UserError(messages)
 

@@ -97,6 +97,7 @@ def load_encoder(model_name: str | None, attn_implementation: str = "sdpa") -> t
     Returns:
         ``(encoder, tokenizer)``.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModel, AutoTokenizer
 
     path = resolve_model_name(model_name)
@@ -105,7 +106,7 @@ def load_encoder(model_name: str | None, attn_implementation: str = "sdpa") -> t
     try:
         encoder = AutoModel.from_pretrained(path, attn_implementation=attn_implementation, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:  # a missing, unknown or truncated model
         raise UserError(f"model_name: could not load {path!r} offline: {exc}") from None
     return encoder, tokenizer
 

@@ -163,3 +163,17 @@ def test_a_sound_export_still_loads_and_validates(tiny_run, tmp_path):
     assert artifact.load_model(older)[0].classifier_dropout == 0.0
     model = metric_ds.load(tiny_run, device="cpu")
     assert model.labels == artifact.read_labels(tiny_run / "best").names
+
+
+def test_a_truncated_plain_encoder_is_a_user_error(tmp_path, tiny_model_dir):
+    """`pseudo-label --model ENCODER` (no heads): a truncated model.safetensors is one clear error, no traceback."""
+    import shutil
+
+    from metric_ds.model import load_encoder
+
+    folder = tmp_path / "encoder"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(UserError, match="model_name: could not load .*encoder"):
+        load_encoder(str(folder))
