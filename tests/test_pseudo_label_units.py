@@ -147,7 +147,7 @@ def test_output_table_keeps_every_input_column(settings):
     assert pseudo["label"].tolist() == ["a" if i < 5 else "b" for i in pseudo["row_id"] - 100]
 
 
-@pytest.mark.parametrize("column", ["source", "confidence", "metric_mask", "classifier_mask"])
+@pytest.mark.parametrize("column", ["source", "confidence"])
 def test_an_input_column_named_like_an_output_is_refused(tmp_path, capsys, column):
     """The user's column is never overwritten: an input with a column that pseudo-label writes is refused, with
     its name, before any model is loaded (as predict refuses one)."""
@@ -162,3 +162,14 @@ def test_an_input_column_named_like_an_output_is_refused(tmp_path, capsys, colum
     assert main(["pseudo-label", "--input", str(src), "--output", str(out), "--model", str(tmp_path / "none")]) == 1
     err = capsys.readouterr().err
     assert f"already has column(s) {column}" in err and "Traceback" not in err and not out.exists()
+
+
+def test_the_input_masks_are_replaced():
+    """A table from `metric-ds prepare` has masks: pseudo-label decides them anew, after the input's columns."""
+    df = _rows_with_ids().assign(metric_mask=0, classifier_mask=0)
+    y = np.array([0 if lab == "a" else 1 if lab == "b" else -1 for lab in df["label"]])
+    result = Assignment(np.where(y < 0, 0, -1), np.where(y < 0, 0.9, 0.0))
+    table, _ = output_table(df, y, result, ["a", "b"], Settings())
+    assert list(table.columns[-4:]) == ["metric_mask", "classifier_mask", "source", "confidence"]
+    assert (table.loc[table["source"] == "labelled", "classifier_mask"] == 1).all()
+    assert (table["metric_mask"] == 1).all()

@@ -3,9 +3,10 @@
 Every input column is kept, values and dtypes unchanged (row ids trace a pseudo-label back to its row), except
 ``label``, filled in on the pseudo-labelled rows. Labelled rows get ``classifier_mask = 1`` (and
 ``metric_mask = 1``); pseudo-labelled rows get ``classifier_mask = 0, metric_mask = 1``, so that they serve only
-SupCon; ``source`` (``labelled``/``pseudo``) and ``confidence`` columns say where each label came from. An input
-that already has one of these :data:`WRITTEN_COLUMNS` is refused (:func:`column_clashes`), as ``predict`` refuses
-one named like its outputs: nothing of the user's is overwritten.
+SupCon; ``source`` (``labelled``/``pseudo``) and ``confidence`` columns say where each label came from. The
+input's own ``metric_mask`` and ``classifier_mask`` (a table from ``metric-ds prepare`` has them) are replaced:
+deciding which rows serve which loss is what pseudo-label does. An input that already has ``source`` or
+``confidence`` is refused (:func:`column_clashes`), as ``predict`` refuses one named like its outputs.
 """
 from __future__ import annotations
 
@@ -15,13 +16,15 @@ import pandas as pd
 from metric_ds.pseudo_label.assign import Assignment
 from metric_ds.pseudo_label.settings import Settings
 
-# the columns pseudo-label adds after the input's own, in this order
-WRITTEN_COLUMNS = ("metric_mask", "classifier_mask", "source", "confidence")
+# the columns pseudo-label adds after the input's own, in this order; the masks replace the input's own
+MASKS = ("metric_mask", "classifier_mask")
+WRITTEN_COLUMNS = (*MASKS, "source", "confidence")
 
 
 def column_clashes(df: pd.DataFrame, source: str) -> list[str]:
-    """The problem (none or one) of an input table that has a column pseudo-label writes."""
-    clash = [c for c in WRITTEN_COLUMNS if c in df.columns]
+    """The problem (none or one) of an input table that has a column pseudo-label writes and would not replace
+    (``source``, ``confidence``)."""
+    clash = [c for c in WRITTEN_COLUMNS if c in df.columns and c not in MASKS]
     if not clash:
         return []
     return [f"{source}: already has column(s) {', '.join(clash)}, which pseudo-label writes; rename or drop them"]
@@ -68,6 +71,7 @@ def output_table(df: pd.DataFrame, y: np.ndarray, result: Assignment, classes: l
     """
     lab, pseudo = np.flatnonzero(y >= 0), np.flatnonzero(result.labels >= 0)
     names = np.array(classes, dtype=object)
+    df = df.drop(columns=[c for c in MASKS if c in df.columns])  # replaced, and written after the input's columns
     parts = [_rows(df, lab, names[y[lab]], 1, "labelled", 1.0)]
     if settings.metric_mask == "labelled":
         # as in `prepare --metric-mask labelled`: SupCon on the labelled rows only, so a pseudo-labelled row
