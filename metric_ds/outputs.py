@@ -21,7 +21,8 @@ from metric_ds.errors import UserError, describe_io_error, io_errno
 
 # a partial of this module (".pred.partial-123.parquet", ".export.partial-123"), or of write_table before it used
 # this module (".out.csv.123.tmp"); the group is the writer's process id
-PARTIAL_NAMES = (re.compile(r"^\..+\.partial-(\d+)(\.[^.]+)?$"), re.compile(r"^\..+\.(\d+)\.tmp$"))
+PARTIAL_NAMES = (re.compile(r"^\..+\.partial-(\d+)(\.[^.]+)?$"),
+                 re.compile(r"^\..+\.(?:parquet|pq|csv|jsonl|json)\.(\d+)\.tmp$"))  # only a table's: not any .tmp
 
 _FIXES = {
     errno.ENOSPC: "free some space or write elsewhere",

@@ -257,3 +257,14 @@ def test_the_next_run_removes_a_killed_runs_partial(tmp_path, tiny_run, inputs, 
     argv, target = command_lines(tiny_run, inputs, out)[command]
     assert main(argv) == 0, capsys.readouterr().err
     assert target.is_file() and not dead.exists() and live.exists()
+
+
+def test_only_our_partials_are_taken_for_stale(tmp_path):
+    """A user's own hidden .tmp file is not a partial, whatever its name's number."""
+    from metric_ds.outputs import remove_stale_partials
+
+    dead = 2 ** 22 + 12345  # above the default pid_max: no such process
+    ours, theirs = tmp_path / f".out.csv.{dead}.tmp", tmp_path / f".my.notes.{dead}.tmp"
+    ours.write_text("x"), theirs.write_text("y")
+    remove_stale_partials(tmp_path)
+    assert not ours.exists() and theirs.exists()
