@@ -28,7 +28,7 @@ def test_micro_step_trains_each_micro_batch_and_steps_at_the_window_end(tmp_path
         rows = batch["labels"].shape[0]
         assert isinstance(out, StepOutput) and out.micro_batches == 1 and out.memory == {}
         assert out.terms.counts.rows == rows and out.rows.h.shape[0] == rows
-        assert torch.equal(out.rows.metric_mask, batch["metric_mask"])
+        assert torch.equal(out.rows.metric_rows, batch["metric_mask"].nonzero().squeeze(1))
         assert out.rows.sizes == [int(batch["metric_mask"].sum())] and not out.rows.local
         assert torch.equal(out.rows.z, out.terms.contrast.z) and torch.equal(out.rows.labels, out.terms.contrast.labels)
     assert first.grad_norm is None  # not a log step
@@ -44,7 +44,8 @@ def test_accumulated_step_holds_the_window_and_trains_it_as_one_batch(tmp_path, 
     assert trainer.engine.global_steps == 1 and trainer.step.pending == []
     rows = sum(b["labels"].shape[0] for b in batches)
     assert out.micro_batches == 2 and out.terms.counts.rows == rows and out.rows.h.shape[0] == rows
-    assert torch.equal(out.rows.metric_mask, torch.cat([b["metric_mask"] for b in batches]))
-    assert out.rows.sizes == [int(out.rows.metric_mask.sum())]
+    window_mask = torch.cat([b["metric_mask"] for b in batches])
+    assert torch.equal(out.rows.metric_rows, window_mask.nonzero().squeeze(1))
+    assert out.rows.sizes == [int(window_mask.sum())]
     assert float(out.grad_norm) > 0
     assert out.memory == {}  # activation memory is measured on CUDA only
