@@ -5,7 +5,8 @@ import torch
 from conftest import make_cfg
 
 from metric_ds.config import validate_config
-from metric_ds.steps import AccumulatedStep, MicroBatchStep, StepOutput
+from metric_ds.losses import JointLoss
+from metric_ds.steps import AccumulatedStep, MicroBatchStep, StepOutput, rows_and_batch
 from metric_ds.train import Trainer
 
 
@@ -49,3 +50,20 @@ def test_accumulated_step_holds_the_window_and_trains_it_as_one_batch(tmp_path, 
     assert out.rows.sizes == [int(window_mask.sum())]
     assert float(out.grad_norm) > 0
     assert out.memory == {}  # activation memory is measured on CUDA only
+
+
+def test_rows_and_batch_finds_the_window_rows_on_the_cpu_masks():
+    """The rows of the concatenated masks, in order; the loss given them equals the loss that finds them itself."""
+    batches = [{"classifier_mask": torch.tensor([True, False, True]), "metric_mask": torch.tensor([False, True, True]),
+                "labels": torch.tensor([0, 1, 1])},
+               {"classifier_mask": torch.tensor([False, True]), "metric_mask": torch.tensor([True, True]),
+                "labels": torch.tensor([1, 0])}]
+    rows, moved = rows_and_batch(batches, torch.device("cpu"))
+    assert rows.ce.tolist() == [0, 2, 4] and rows.metric.tolist() == [1, 2, 3, 4] and len(moved) == 2
+    cat = {k: torch.cat([b[k] for b in moved]) for k in batches[0]}
+    torch.manual_seed(0)
+    logits, z = torch.randn(5, 2), torch.nn.functional.normalize(torch.randn(5, 4), dim=1)
+    loss = JointLoss(num_classes=2, supcon_impl="reference")
+    given = loss(logits, z, cat["labels"], cat["classifier_mask"], cat["metric_mask"], rows)
+    found = loss(logits, z, cat["labels"], cat["classifier_mask"], cat["metric_mask"])
+    assert torch.equal(given.backward_loss, found.backward_loss) and torch.equal(given.shares, found.shares)
