@@ -130,8 +130,9 @@ class EmbeddingBank:
     def add_step_rows(self, rows: StepRows, step: int) -> None:
         """Add one optimizer step's metric rows from every rank, in rank order, so that every rank's bank is the
         same. The rows and counts that the loss already gathered are reused: only ``h`` is gathered here (and
-        ``z`` and the labels where the loss contrasted this rank's rows only)."""
-        h_m = rows.h.detach()[rows.metric_mask.bool()].float()
+        ``z`` and the labels where the loss contrasted this rank's rows only). The metric rows of ``h`` are taken
+        by their indices (found on the CPU), not by a boolean mask, which would wait for the device."""
+        h_m = rows.h.detach()[rows.metric_rows].float()
         if D.world_size() > 1 and rows.local:  # the loss gathered no rows
             z = D.gather_rows(rows.z.float(), rows.sizes, with_grad=False)
             y = D.gather_rows(rows.labels, rows.sizes, with_grad=False)
@@ -162,15 +163,15 @@ class StepRows:
     """One optimizer step's rows for the bank, as the loss left them (nothing gathered or copied yet).
 
     Attributes:
-        h: this rank's pooled embeddings of every row; ``metric_mask`` picks the metric rows.
-        metric_mask: this rank's metric mask.
+        h: this rank's pooled embeddings of every row; ``metric_rows`` picks the metric rows.
+        metric_rows: the indices of this rank's metric rows, in row order (int64, on ``h``'s device).
         z, labels: the loss's contrast rows: every rank's where the loss gathered them, else this rank's.
         sizes: every rank's metric row count, in rank order.
         local: the loss contrasted this rank's rows only (``training.supcon_scope: local``).
     """
 
     h: torch.Tensor
-    metric_mask: torch.Tensor
+    metric_rows: torch.Tensor
     z: torch.Tensor
     labels: torch.Tensor
     sizes: list[int]

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from metric_ds.losses import JointLoss, LossTerms
+from metric_ds.losses import JointLoss, LossTerms, RowIndex
 from metric_ds.model import model_inputs
 
 
@@ -48,7 +48,7 @@ class WindowResult:
 
 
 def accumulated_step(engine: Any, loss_fn: JointLoss, batches: list[dict[str, torch.Tensor]],
-                     before_step: Any = None) -> WindowResult:
+                     before_step: Any = None, rows: RowIndex | None = None) -> WindowResult:
     """Train one window of micro-batches with the contrastive batch spanning all of them (see the module).
 
     Args:
@@ -57,6 +57,8 @@ def accumulated_step(engine: Any, loss_fn: JointLoss, batches: list[dict[str, to
         batches: the window's collated micro-batches, already on the engine's device.
         before_step: called with no arguments after the last backward and before the optimizer step (the loop
             reads the pre-clipping gradient norm there).
+        rows: the row indices of the window's concatenated masks, found on the CPU (see
+            :class:`~metric_ds.losses.RowIndex`); ``None``: found from the device masks (a host sync on a GPU).
 
     Returns:
         The window's loss terms, ``h`` and ``metric_mask`` of its rows.
@@ -73,7 +75,7 @@ def accumulated_step(engine: Any, loss_fn: JointLoss, batches: list[dict[str, to
     z = torch.cat(zs).requires_grad_()
     logit = torch.cat(logits).requires_grad_()
     cat = {k: torch.cat([b[k] for b in batches]) for k in ("labels", "classifier_mask", "metric_mask")}
-    terms = loss_fn(logit, z, cat["labels"], cat["classifier_mask"], cat["metric_mask"])
+    terms = loss_fn(logit, z, cat["labels"], cat["classifier_mask"], cat["metric_mask"], rows)
     grad_z, grad_logits = torch.autograd.grad(terms.backward_loss, [z, logit], allow_unused=True,
                                               materialize_grads=True)
     sizes = [b["labels"].shape[0] for b in batches]

@@ -10,10 +10,12 @@ averages gradients over ranks, so the loss that is back-propagated is multiplied
 (:func:`data_parallel_scale`); the parameter gradients then equal the single-process ones. (Asking DeepSpeed to
 sum instead is refused under ZeRO-3.)
 
-No host-device synchronisation happens here in one process. With W > 1 the only one is the packed gather of
-every rank's row counts (:class:`BatchCounts`), which the variable-sized gather of the metric rows needs. The
-terms that are only logged stay on the device as this rank's *shares* (they sum over ranks to the global value)
-and are reduced and read once per log step by :class:`TermWindow`.
+No host-device synchronisation happens here in one process: the rows of each term are found on the CPU from
+the collated masks, before the batch moves to the device (:class:`RowIndex`: ``nonzero`` on a device tensor
+waits for the device), and the positive counts take ``num_classes`` (no ``bincount``). With W > 1 the only one
+is the packed gather of every rank's row counts (:class:`BatchCounts`), which the variable-sized gather of the
+metric rows needs. The terms that are only logged stay on the device as this rank's *shares* (they sum over ranks
+to the global value) and are reduced and read once per log step by :class:`TermWindow`.
 """
 from __future__ import annotations
 
@@ -52,6 +54,30 @@ class BatchCounts:
     @property
     def metric_rows(self) -> int:
         return sum(self.metric_sizes)
+
+
+@dataclass
+class RowIndex:
+    """The rows of a batch that each loss term takes, in row order: those with ``classifier_mask = 1`` (CE) and
+    those with ``metric_mask = 1`` (SupCon, and the embedding bank).
+
+    Found with :meth:`from_masks` on the collated batch while it is still on the CPU, then moved with it
+    (:meth:`to`): ``nonzero`` or a boolean-mask index on a device tensor makes the host wait for the device.
+    """
+
+    ce: torch.Tensor
+    metric: torch.Tensor
+
+    @classmethod
+    def from_masks(cls, classifier_mask: torch.Tensor, metric_mask: torch.Tensor) -> RowIndex:
+        """The int64 row indices of both masks (a host sync on a GPU: call it on the CPU masks)."""
+        return cls(classifier_mask.nonzero().squeeze(1), metric_mask.nonzero().squeeze(1))
+
+    def to(self, device: torch.device) -> RowIndex:
+        """Both indices on ``device``; to a GPU from pinned memory, without waiting (as the loaders' batches)."""
+        if device.type != "cuda":
+            return RowIndex(self.ce.to(device), self.metric.to(device))
+        return RowIndex(*(t.pin_memory().to(device, non_blocking=True) for t in (self.ce, self.metric)))
 
 
 @dataclass
@@ -138,15 +164,21 @@ class JointLoss(nn.Module):
         labels: torch.Tensor,
         classifier_mask: torch.Tensor,
         metric_mask: torch.Tensor,
+        rows: RowIndex | None = None,
     ) -> LossTerms:
         """Compute the loss of one micro-batch.
+
+        Args:
+            rows: the masks' row indices, found on the CPU (:meth:`RowIndex.from_masks`); ``None``: found here
+                from the masks, which waits for the device on a GPU (the training steps pass them).
 
         Shape:
             logits: (B, C); z: (B, D) unit norm; labels, classifier_mask, metric_mask: (B,).
         """
         scope, world = self.supcon_scope, D.world_size()
-        ce_idx = classifier_mask.nonzero().squeeze(1)
-        m_idx = metric_mask.nonzero().squeeze(1)
+        if rows is None:
+            rows = RowIndex.from_masks(classifier_mask, metric_mask)
+        ce_idx, m_idx = rows.ce, rows.metric
         counts = BatchCounts.gather(labels.shape[0], ce_idx.numel(), m_idx.numel(), z.device)
 
         # CE: the sum over local rows, divided by the global row count.

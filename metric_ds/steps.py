@@ -6,7 +6,9 @@
   as one contrastive batch over all their rows (:mod:`metric_ds.grad_cache`).
 
 Both give the loop a :class:`StepOutput`. Neither reads a value to the host in one process, and only the packed
-row counts with W > 1: what is logged stays on the device until the log step (``tests/test_host_syncs.py``).
+row counts with W > 1: what is logged stays on the device until the log step (``tests/test_host_syncs.py``). The
+rows of each loss term (and of the bank) are found from the collated masks while the batch is still on the CPU
+(:func:`rows_and_batch`), so no ``nonzero`` or boolean-mask index runs on the device.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 from metric_ds.bank import StepRows
 from metric_ds.config import Config
 from metric_ds.grad_cache import accumulated_step
-from metric_ds.losses import JointLoss, LossTerms
+from metric_ds.losses import JointLoss, LossTerms, RowIndex
 from metric_ds.model import model_inputs
 
 Batch = dict[str, torch.Tensor]
@@ -49,6 +51,13 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def rows_and_batch(batches: list[Batch], device: torch.device) -> tuple[RowIndex, list[Batch]]:
+    """The row indices of the CPU ``batches``' masks (concatenated, in order), found before the batches move, and
+    the indices and batches on ``device``."""
+    masks = [torch.cat([b[k] for b in batches]) for k in ("classifier_mask", "metric_mask")]
+    return RowIndex.from_masks(*masks).to(device), [to_device(b, device) for b in batches]
+
+
 def grad_norm_before_step(engine: Any, cfg: Config) -> torch.Tensor | None:
     """The gradient norm before clipping, where DeepSpeed does not report one (ZeRO 0 in fp32); a device
     tensor, read at the log step."""
@@ -58,9 +67,10 @@ def grad_norm_before_step(engine: Any, cfg: Config) -> torch.Tensor | None:
     return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
 
-def bank_rows(h: torch.Tensor, metric_mask: torch.Tensor, terms: LossTerms, loss_fn: JointLoss) -> StepRows:
-    """The bank's rows of a step: its pooled ``h`` and mask, and the contrast rows and counts the loss gathered."""
-    return StepRows(h, metric_mask, terms.contrast.z, terms.contrast.labels, terms.counts.metric_sizes,
+def bank_rows(h: torch.Tensor, rows: RowIndex, terms: LossTerms, loss_fn: JointLoss) -> StepRows:
+    """The bank's rows of a step: its pooled ``h`` and metric row indices, and the contrast rows and counts the
+    loss gathered."""
+    return StepRows(h, rows.metric, terms.contrast.z, terms.contrast.labels, terms.counts.metric_sizes,
                     local=loss_fn.supcon_scope == "local")
 
 
@@ -76,15 +86,16 @@ class MicroBatchStep:
         steps); ``will_log``: the step is logged (the gradient norm is taken)."""
         engine = self.engine
         engine.set_gradient_accumulation_boundary(boundary)
-        batch = to_device(batch, engine.device)
+        rows, (batch,) = rows_and_batch([batch], engine.device)
         out = engine(**model_inputs(batch))
-        terms = self.loss_fn(out.logits, out.z, batch["labels"], batch["classifier_mask"], batch["metric_mask"])
+        terms = self.loss_fn(out.logits, out.z, batch["labels"], batch["classifier_mask"], batch["metric_mask"],
+                             rows)
         # DeepSpeed divides by gradient_accumulation_steps; a shorter last window is a mean over its own micro-batches.
         scale = self.cfg.training.gradient_accumulation_steps / window_len
         engine.backward(terms.backward_loss * scale if scale != 1 else terms.backward_loss)
         norm = grad_norm_before_step(engine, self.cfg) if will_log else None
         engine.step()
-        return StepOutput(terms, 1, norm, bank_rows(out.h, batch["metric_mask"], terms, self.loss_fn))
+        return StepOutput(terms, 1, norm, bank_rows(out.h, rows, terms, self.loss_fn))
 
 
 class AccumulatedStep:
@@ -114,12 +125,13 @@ class AccumulatedStep:
         if on_cuda and will_log:
             base = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
-        result = accumulated_step(self.engine, self.loss_fn, [to_device(b, device) for b in batches], before_step)
+        rows, on_device = rows_and_batch(batches, device)
+        result = accumulated_step(self.engine, self.loss_fn, on_device, before_step, rows)
         if on_cuda and will_log:  # the activations of one micro-batch; a micro-batch of all rows needs ~len x that
             peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
             memory = {"train/activation_peak_mb": peak, "train/memory_saved_mb_est": peak * (len(batches) - 1)}
         return StepOutput(result.terms, window_len, norm[0],
-                          bank_rows(result.h, result.metric_mask, result.terms, self.loss_fn), memory)
+                          bank_rows(result.h, rows, result.terms, self.loss_fn), memory)
 
 
 def make_step(engine: Any, loss_fn: JointLoss, cfg: Config) -> MicroBatchStep | AccumulatedStep:

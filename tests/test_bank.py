@@ -100,16 +100,17 @@ def test_add_detaches_casts_and_checks_shapes():
 
 
 def test_a_steps_rows_are_its_metric_rows_in_one_process():
-    """One process: z and labels are the loss's contrast rows, h the pooled rows that the metric mask picks."""
+    """One process: z and labels are the loss's contrast rows, h the pooled rows that the metric row indices pick."""
     bank = EmbeddingBank(8, 2, 3, 2)
     h = torch.arange(15.0).reshape(5, 3).bfloat16()
     mask = torch.tensor([1, 0, 1, 1, 0])
+    rows = mask.nonzero().squeeze(1)
     z, y = torch.randn(3, 2), torch.tensor([2, 0, 1])
-    bank.add_step_rows(StepRows(h, mask, z, y, [3], local=False), step=4)
+    bank.add_step_rows(StepRows(h, rows, z, y, [3], local=False), step=4)
     bz, bh, by, bs = bank.copy_live_rows()
     assert torch.equal(bz, z) and torch.equal(by, y) and torch.equal(bs, torch.full((3,), 4))
     assert torch.equal(bh, h[mask.bool()].float())
-    bank.add_step_rows(StepRows(h, mask, z, y, [3], local=True), step=5)  # local: nothing to gather either
+    bank.add_step_rows(StepRows(h, rows, z, y, [3], local=True), step=5)  # local: nothing to gather either
     assert len(bank) == 6 and bank.last_step == 5
 
 

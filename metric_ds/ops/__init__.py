@@ -13,7 +13,7 @@ import warnings
 import torch
 
 from metric_ds.errors import EnvironmentProblem
-from metric_ds.ops.reference import resolve_anchors, supcon_loss_reference
+from metric_ds.ops.reference import check_labels, resolve_anchors, supcon_loss_reference
 
 IMPLS = ("auto", "fused", "reference")
 _warned: set[object] = set()
@@ -28,7 +28,8 @@ AUTO_MIN_ROWS: dict[str, int] = {
     "cuda": 1024,
 }
 
-__all__ = ["AUTO_MIN_ROWS", "IMPLS", "SupConLoss", "op_status", "supcon_loss", "supcon_loss_reference"]
+__all__ = ["AUTO_MIN_ROWS", "IMPLS", "SupConLoss", "check_labels", "op_status", "supcon_loss",
+           "supcon_loss_reference"]
 
 
 def op_status() -> dict[str, object]:
@@ -64,9 +65,11 @@ def supcon_loss(
         num_valid_global: denominator override (valid anchors over all ranks); a tensor keeps the call free of
             host-device synchronisation.
         impl: ``auto``, ``fused`` or ``reference``.
-        num_classes: when the caller knows that every label lies in ``[0, num_classes)``: the fused op then
-            needs no ``unique`` and no read-back of the largest label, so it never waits for the device.
-            ``None`` (the default) accepts any int64 labels.
+        num_classes: when the caller knows that every label lies in ``[0, num_classes)``: neither
+            implementation then needs ``unique``, ``bincount`` or a read-back of the largest label, so the call
+            never waits for the device. Checked where that is free, on CPU tensors (a ``ValueError``); on a GPU
+            check labels on the CPU before they move (:func:`check_labels`), or an out-of-range label ends in a
+            device-side assert. ``None`` (the default) accepts any int64 labels.
 
     Shape:
         z: (m, d); labels: (m,).
@@ -75,6 +78,7 @@ def supcon_loss(
         ``(loss, num_valid)``: the scalar loss and the number of this call's anchors with a positive.
 
     Raises:
+        ValueError: a label of CPU tensors outside ``[0, num_classes)``.
         EnvironmentProblem: ``impl="fused"`` where the op is not built for ``z``'s device or fails its
             self-check there.
     """
@@ -83,7 +87,8 @@ def supcon_loss(
     if impl == "auto" and z.shape[0] < AUTO_MIN_ROWS.get(z.device.type, 0):
         impl = "reference"  # measured faster at this size: no warning, nothing is wrong
     if impl == "reference":
-        return supcon_loss_reference(z, labels, temperature, anchor_start, anchor_count, num_valid_global)
+        return supcon_loss_reference(z, labels, temperature, anchor_start, anchor_count, num_valid_global,
+                                     num_classes=num_classes)
     from metric_ds.ops import fused, selfcheck
 
     ok, why = fused.available(z.device.type)
@@ -103,7 +108,8 @@ def supcon_loss(
             _warned.add(warn_key)
             warnings.warn(f"fused SupCon op unavailable on {z.device.type} ({why}); using the PyTorch reference",
                           stacklevel=2)
-        return supcon_loss_reference(z, labels, temperature, anchor_start, anchor_count, num_valid_global)
+        return supcon_loss_reference(z, labels, temperature, anchor_start, anchor_count, num_valid_global,
+                                     num_classes=num_classes)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     n = resolve_anchors(z.shape[0], anchor_start, anchor_count)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from metric_ds.ops import build
+from metric_ds.ops.reference import check_labels
 
 _PKG = Path(__file__).resolve().parent.parent
 _state: dict[str, object] = {"loaded": False, "errors": {}}
@@ -129,8 +130,10 @@ def supcon_loss_fused(z: torch.Tensor, labels: torch.Tensor, temperature: float,
     """The fused op behind :func:`metric_ds.ops.supcon_loss` (same contract).
 
     ``num_classes``: labels already lie in ``[0, num_classes)``, so the op needs no ``unique`` and no read-back
-    of the largest label (no host-device synchronisation); ``None`` accepts any int64 labels.
+    of the largest label (no host-device synchronisation); ``None`` accepts any int64 labels. CPU labels outside
+    ``[0, num_classes)`` raise a ``ValueError`` here (:func:`~metric_ds.ops.reference.check_labels`).
     """
+    check_labels(labels, num_classes)
     loss_rows, _, num_pos = torch.ops.metric_ds.supcon_fwd(z, labels, float(temperature), int(anchor_start),
                                                            int(anchor_count),
                                                            -1 if num_classes is None else int(num_classes))

@@ -71,6 +71,27 @@ def positives_per_row(labels: torch.Tensor, num_classes: int | None = None) -> t
     return per_class[labels] - 1
 
 
+def check_labels(labels: torch.Tensor, num_classes: int | None) -> None:
+    """Raise a clear error when a label lies outside ``[0, num_classes)``, where that costs no host sync.
+
+    The check runs on CPU tensors only. On a GPU it would make the host wait for the device, and an out-of-range
+    label would otherwise end in a device-side assert of ``index_add_``, which kills the CUDA context: so device
+    labels must be checked before they move, on the CPU. metric_ds's training loop does it once per dataset
+    (:func:`metric_ds.data.pipeline.build_training_data`); a user of :func:`metric_ds.ops.supcon_loss` on a GPU
+    who cannot vouch for the labels calls this on them while they are on the CPU, or passes ``num_classes=None``
+    (the op then reads the largest label, one sync, and accepts any non-negative label).
+
+    Raises:
+        ValueError: a CPU label outside ``[0, num_classes)``, naming the range found and the fix.
+    """
+    if num_classes is None or labels.device.type != "cpu" or labels.numel() == 0:
+        return
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(f"SupCon labels must lie in [0, num_classes = {num_classes}), got labels in [{lo}, {hi}]: "
+                         "encode the labels as class ids 0 .. num_classes - 1, or pass the right num_classes")
+
+
 def supcon_loss_reference(
     z: torch.Tensor,
     labels: torch.Tensor,
@@ -78,6 +99,8 @@ def supcon_loss_reference(
     anchor_start: int = 0,
     anchor_count: int | None = None,
     num_valid_global: int | torch.Tensor | None = None,
+    *,
+    num_classes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SupCon loss, materialising the (anchors x m) similarity matrix. See the module docstring for the maths.
 
@@ -88,6 +111,8 @@ def supcon_loss_reference(
         anchor_start: first anchor row.
         anchor_count: number of anchors; ``None`` means every row from ``anchor_start`` on.
         num_valid_global: denominator override (the number of valid anchors over all ranks).
+        num_classes: labels lie in ``[0, num_classes)`` (checked on CPU tensors: :func:`check_labels`): the
+            positive counts then need no ``bincount``, which waits for the device. ``None``: any labels >= 0.
 
     Shape:
         z: (m, d); labels: (m,).
@@ -101,10 +126,12 @@ def supcon_loss_reference(
                          f"{tuple(labels.shape)}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_labels(labels, num_classes)
     if torch.amp.is_autocast_available(z.device.type) and torch.is_autocast_enabled(z.device.type):
         # under torch.autocast the matmul below would run in bf16/fp16: the definition is fp32
         with torch.autocast(z.device.type, enabled=False):
-            return supcon_loss_reference(z, labels, temperature, anchor_start, anchor_count, num_valid_global)
+            return supcon_loss_reference(z, labels, temperature, anchor_start, anchor_count, num_valid_global,
+                                         num_classes=num_classes)
     m = z.shape[0]
     n = resolve_anchors(m, anchor_start, anchor_count)
     z32 = z.double() if z.dtype == torch.float64 else z.float()  # fp64 stays fp64 (gradcheck)
@@ -116,7 +143,7 @@ def supcon_loss_reference(
     logits = logits.masked_fill(self_mask, _MASKED)
     lse = torch.logsumexp(logits, dim=1)
     pos = (labels[anchor_start:anchor_start + n, None] == labels[None, :]) & ~self_mask
-    num_pos = positives_per_row(labels)[anchor_start:anchor_start + n]
+    num_pos = positives_per_row(labels, num_classes)[anchor_start:anchor_start + n]
     valid = num_pos > 0
     mean_pos_logit = (logits * pos).sum(dim=1) / num_pos.clamp_min(1)
     per_anchor = torch.where(valid, lse - mean_pos_logit, torch.zeros_like(lse))
