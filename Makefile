@@ -1,10 +1,10 @@
 # metric_ds: one command to set up, one for the main job, one for the tests.
 #
 #   make setup       create .venv and install everything (idempotent: seconds when nothing changed)
-#   make test        setup, then the CUDA compile check and the whole test suite
+#   make test        setup, then the CUDA build check and the whole test suite
 #   make demo        setup, then the BANKING77 main job (prepare, train, evaluate, report)
 #   make demo-quick  a 2-minute version of the demo
-#   make cuda-check  compile the CUDA sources for sm_80, sm_90 and PTX (no GPU needed)
+#   make cuda-check  build and link the CUDA op for sm_80, sm_90 and PTX into a temporary folder (no GPU needed)
 #   make gpu-wheels  download/build into .whl/ the Python 3.12 wheels a lent GPU machine lacks (for scripts/gpu_check.sh)
 #
 # Overrides: TORCH_SPEC (default torch==2.14.1; set TORCH_SPEC=keep to keep a torch already in .venv),

@@ -12,6 +12,11 @@
 
 #include <tuple>
 
+// Everything declared here is internal to each library (hidden): the CPU and the CUDA library each link their own
+// copy of the tile loop (supcon_loop.cpp) and both are loaded into one process with RTLD_GLOBAL, where an exported
+// copy would also be called by the other library. tests/test_ops_build.py checks that neither exports it.
+#pragma GCC visibility push(hidden)
+
 namespace metric_ds {
 
 // Per-device epilogues. Tiles are fp32 (fp64 for fp64 inputs), contiguous, row-major, already scaled by
@@ -50,3 +55,5 @@ void check_inputs(const at::Tensor& z, const at::Tensor& labels, double temperat
                   int64_t anchor_count);
 
 }  // namespace metric_ds
+
+#pragma GCC visibility pop

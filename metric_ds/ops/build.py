@@ -43,6 +43,18 @@ def real_cuda_home() -> str | None:
     return str(path.parent.parent)
 
 
+def resolve_cuda_home() -> str | None:
+    """Set ``CUDA_HOME`` to :func:`real_cuda_home` where unset, and return it.
+
+    ``torch.utils.cpp_extension`` reads ``CUDA_HOME`` once, when first imported, and otherwise guesses the root
+    from ``nvcc``'s folder on PATH (a wrapper script's folder, e.g. ``/usr/local``): call this before that import.
+    """
+    home = real_cuda_home()
+    if home:
+        os.environ.setdefault("CUDA_HOME", home)
+    return home
+
+
 def torch_cuda_include_dirs() -> list[str]:
     """torch's own CUDA headers (nvidia/cu13/include in site-packages): the toolkit here lacks cuBLAS headers."""
     import torch
@@ -93,19 +105,31 @@ def default_arch_list(capabilities: list[tuple[int, int]] | None = None) -> str:
     return ";".join(ordered[:-1] + [ordered[-1] + "+PTX"])
 
 
-def extensions() -> list:
-    """setuptools extensions for ``setup.py``."""
+def _sources(names: list[str]) -> list[str]:
+    return [str((CSRC / n).relative_to(ROOT)) for n in names]
+
+
+def cuda_extension(extra_compile_args: dict[str, list[str]] | None = None):
+    """The CUDA extension (``CUDA_NAME``); ``extra_compile_args`` are appended to the build's own flags."""
+    resolve_cuda_home()
     from torch.utils import cpp_extension
 
-    rel = lambda names: [str((CSRC / n).relative_to(ROOT)) for n in names]  # noqa: E731
-    exts = [cpp_extension.CppExtension(CPU_NAME, rel(CPU_SOURCES), extra_compile_args={"cxx": CXX_FLAGS})]
+    extra = extra_compile_args or {}
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", default_arch_list())
+    return cpp_extension.CUDAExtension(
+        CUDA_NAME, _sources(CUDA_SOURCES), include_dirs=torch_cuda_include_dirs(),
+        extra_compile_args={"cxx": CXX_FLAGS + extra.get("cxx", []), "nvcc": NVCC_FLAGS + extra.get("nvcc", [])})
+
+
+def extensions() -> list:
+    """setuptools extensions for ``setup.py``."""
+    resolve_cuda_home()
+    from torch.utils import cpp_extension
+
+    exts = [cpp_extension.CppExtension(CPU_NAME, _sources(CPU_SOURCES), extra_compile_args={"cxx": CXX_FLAGS})]
     build_cuda, why = cuda_build_decision()
     print(f"metric_ds: CUDA SupCon op {'built' if build_cuda else 'skipped'}: {why}")
     if build_cuda:
-        os.environ.setdefault("CUDA_HOME", real_cuda_home() or "")
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", default_arch_list())
+        exts.append(cuda_extension())
         print(f"metric_ds: TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
-        exts.append(cpp_extension.CUDAExtension(
-            CUDA_NAME, rel(CUDA_SOURCES), include_dirs=torch_cuda_include_dirs(),
-            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}))
     return exts

@@ -35,6 +35,7 @@ def _load_prebuilt(stem: str) -> bool:
 
 
 def _jit_cpu() -> None:
+    build.resolve_cuda_home()  # cpp_extension reads CUDA_HOME once, at its first import
     from torch.utils.cpp_extension import load
 
     load(name="metric_ds_supcon_cpu", sources=[str(build.CSRC / s) for s in build.CPU_SOURCES],
