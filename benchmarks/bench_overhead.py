@@ -242,7 +242,8 @@ class MasterWeights:
         """The stepped fp32 copies back into the model's bf16 weights."""
         import torch
 
-        torch._foreach_copy_(self.low, self.params)
+        with torch.no_grad():
+            torch._foreach_copy_(self.low, self.params)
 
 
 def run_worker(kind: str, cfg_path: Path, device: str, timeout: float) -> dict[str, Any]:
