@@ -3,9 +3,9 @@
     # CPU (the <= 1.05x target): MiniLM-sized random BERT, fp32
     nice -n 19 .venv/bin/python benchmarks/bench_overhead.py --device cpu --size minilm --batch 32 --seq 64 \\
         --steps 20 --log-every 5 --repeats 2
-    # GPU (scripts/gpu_check.sh step 6): BERT-base-sized, bf16, ZeRO 0 and 2, fused and reference
-    python benchmarks/bench_overhead.py --device cuda --size bert-base --batch 128 --seq 64 --steps 60 \\
-        --precision bf16 --zero 0 2 --impl fused reference --out "$OUT"
+    # GPU (scripts/gpu_check.sh, step overhead): BERT-base-sized, bf16, ZeRO 0 and 2, the fused op
+    python benchmarks/bench_overhead.py --device cuda --size bert-base --batch 128 --seq 64 --steps 30 \\
+        --log-every 10 --precision bf16 --zero 0 2 --impl fused --out "$OUT"
 
 Nothing is downloaded: the model is a randomly initialised BERT of the chosen size (vocabulary 30522, as BERT's),
 saved with a small WordPiece tokenizer made from the test fixtures' keywords (``tests/conftest.py``), and the
@@ -15,8 +15,9 @@ table has texts long enough to fill ``--seq`` tokens.
   its own log records (``train/step_time_s``), the first ``--log-every`` steps left out as warm-up. It includes
   everything the trainer does per step: DeepSpeed, the loss's collectives, the bank, logging.
 * bare: the same model, :class:`metric_ds.losses.JointLoss`, parameter groups, sampler and collator, with
-  ``torch.optim.AdamW(fused=True)``, gradient clipping, ``torch.autocast`` for bf16, and no DeepSpeed, in a
-  fresh process; the same warm-up is left out.
+  ``torch.optim.AdamW(fused=True)``, gradient clipping, and no DeepSpeed, in a fresh process; the same warm-up is
+  left out. Like for like with the trainer: under bf16 the model's weights are bf16 and the optimizer steps fp32
+  copies of them (DeepSpeed's bf16 recipe, no autocast), and on CUDA the loader pins its batches as the trainer's.
 
 The ratio (trainer step time / bare step time) is the trainer's overhead, in wall time and in CPU seconds
 (the fairer one on a shared CPU); each is the best of ``--repeats`` interleaved runs. Peak memory is the GPU's
@@ -26,7 +27,6 @@ The ratio (trainer step time / bare step time) is the trainer's overhead, in wal
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import math
@@ -175,17 +175,16 @@ def worker_bare(cfg_path: str, device: str) -> dict[str, Any]:
     encoder, tokenizer = load_encoder(cfg.model_name, t.attention_implementation)
     model = MetricClassifier(encoder, data.label_map.num_classes, cfg.model.pooling, cfg.model.projection_dim,
                              cfg.model.classifier_dropout).to(device).train()
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.optimizer.weight_decay, cfg.optimizer.head_learning_rate),
-                                  lr=cfg.optimizer.learning_rate, fused=True)
+    groups = _param_groups(model, cfg.optimizer.weight_decay, cfg.optimizer.head_learning_rate)
+    masters = MasterWeights(model, groups) if t.mixed_precision == "bf16" else None
+    optimizer = torch.optim.AdamW(masters.groups if masters else groups, lr=cfg.optimizer.learning_rate, fused=True)
     scheduler = _scheduler_factory(cfg, t.max_steps)(optimizer)
     loss_fn = JointLoss(t.classification_loss_weight, t.metric_loss_weight, t.supcon_temperature, t.supcon_impl,
                         t.supcon_scope, num_classes=data.label_map.num_classes)
     loader = torch.utils.data.DataLoader(
         TextDataset.from_frame(data.train, tokenizer, t.max_seq_length),
         batch_sampler=_train_sampler(cfg, data.train, t.seed), collate_fn=Collator(tokenizer),
-        num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(t.seed))
-    autocast = (torch.autocast(device, dtype=torch.bfloat16) if t.mixed_precision == "bf16"
-                else contextlib.nullcontext())
+        num_workers=cfg.data.num_workers, pin_memory=device == "cuda", generator=torch.Generator().manual_seed(t.seed))
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     warmup, start, cpu_start = t.log_every_n_steps, 0.0, 0.0
     steps = 0
@@ -194,15 +193,18 @@ def worker_bare(cfg_path: str, device: str) -> dict[str, Any]:
             sync()
             start, cpu_start = time.perf_counter(), time.process_time()
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with autocast:
-            out = model(**model_inputs(batch))
-            terms = loss_fn(out.logits, out.z, batch["labels"], batch["classifier_mask"], batch["metric_mask"])
+        out = model(**model_inputs(batch))
+        terms = loss_fn(out.logits, out.z, batch["labels"], batch["classifier_mask"], batch["metric_mask"])
         terms.backward_loss.backward()
+        if masters:
+            masters.take_grads()
         if t.gradient_clip_val > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.gradient_clip_val)
+            torch.nn.utils.clip_grad_norm_(masters.params if masters else model.parameters(), t.gradient_clip_val)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if masters:
+            masters.write_back()
         steps += 1
         if steps == t.max_steps:
             break
@@ -211,6 +213,37 @@ def worker_bare(cfg_path: str, device: str) -> dict[str, Any]:
     return {"step_s": (time.perf_counter() - start) / max(timed, 1), "timed_steps": timed,
             "cpu_step_s": (time.process_time() - cpu_start) / max(timed, 1),
             "peak_mib": peak_memory_mib(device), "params": sum(p.numel() for p in model.parameters())}
+
+
+class MasterWeights:
+    """DeepSpeed's bf16 recipe without DeepSpeed: the model's weights in bf16, the optimizer on fp32 copies.
+
+    Args:
+        model: cast to bf16 in place.
+        groups: its parameter groups (``_param_groups``), rewritten onto the fp32 copies as :attr:`groups`.
+    """
+
+    def __init__(self, model: Any, groups: list[dict[str, Any]]):
+        import torch
+
+        self.low = [p for g in groups for p in g["params"]]
+        self.params = [p.detach().float().requires_grad_() for p in self.low]
+        master_of = {id(lp): mp for lp, mp in zip(self.low, self.params)}
+        self.groups = [{**g, "params": [master_of[id(p)] for p in g["params"]]} for g in groups]
+        model.to(torch.bfloat16)
+
+    def take_grads(self) -> None:
+        """The bf16 gradients into the fp32 copies (fp32 ``.grad``), the model's cleared."""
+        for lp, mp in zip(self.low, self.params):
+            mp.grad = None if lp.grad is None else lp.grad.float()
+            lp.grad = None
+
+    def write_back(self) -> None:
+        """The stepped fp32 copies back into the model's bf16 weights."""
+        import torch
+
+        with torch.no_grad():
+            torch._foreach_copy_(self.low, self.params)
 
 
 def run_worker(kind: str, cfg_path: Path, device: str, timeout: float) -> dict[str, Any]:

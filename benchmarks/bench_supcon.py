@@ -175,7 +175,9 @@ def main() -> None:
 
     device = args.device
     dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
-    sizes = args.B or ([1024, 4096, 16384, 65536] if device == "cuda" else [1024, 4096, 8192, 16384, 65536])
+    # CUDA from 256: auto's crossover to the reference (ops.AUTO_MIN_ROWS) is measured somewhere in 256..2048
+    cuda_sizes = [256, 512, 1024, 2048, 4096, 16384, 65536]
+    sizes = args.B or (cuda_sizes if device == "cuda" else [1024, 4096, 8192, 16384, 65536])
     rows: list[dict] = []
     for d in args.d:
         for b in sizes:

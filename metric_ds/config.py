@@ -179,6 +179,11 @@ class TrainingConfig(_Section):
         128, gt=1, description="Truncation length in tokens; batches are padded dynamically to their longest text.")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
         "no", description="Activation precision: no is fp32; fp16 needs a CUDA GPU.")
+    allow_tf32: bool = Field(
+        False, description="Let fp32 matmuls on CUDA (the encoder's and the fused SupCon op's) use TF32 tensor cores: "
+                           "faster on Ampere and later GPUs, about 3 significant digits instead of 7. false keeps the "
+                           "op's matmuls in IEEE fp32 even where the process turned TF32 on; the op's self-check "
+                           "always runs without TF32.")
     attention_implementation: Literal["eager", "sdpa", "flash_attention_2"] = Field(
         "sdpa", description="The encoder's attention; flash_attention_2 needs a CUDA GPU, the flash-attn package "
                             "and fp16 or bf16.")

@@ -1,4 +1,5 @@
-"""``metric-ds env``: what this environment can run (versions, devices, the fused op's build status)."""
+"""``metric-ds env``: what this environment can run (versions, devices, the fused op's build status and the
+precision of its fp32 matmuls)."""
 from __future__ import annotations
 
 import platform
@@ -39,7 +40,10 @@ def env_report() -> str:
     rows.append(("nvcc", _version(["nvcc", "--version"])))
     from metric_ds.ops import op_status
 
+    from metric_ds.ops.precision import describe
+
     for key, value in op_status().items():
         rows.append((f"supcon op: {key}", str(value)))
+    rows.append(("supcon op: fp32 matmuls", describe()))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

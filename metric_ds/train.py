@@ -50,6 +50,7 @@ from metric_ds.errors import UserError
 from metric_ds.evaluator import ShardedBatches, collect_outputs, compute_metrics
 from metric_ds.losses import JointLoss, TermWindow
 from metric_ds.model import MetricClassifier, load_encoder
+from metric_ds.ops.precision import allow_tf32
 from metric_ds.preflight import preflight
 from metric_ds.progress import progress_bar
 from metric_ds.resume import plan_resume
@@ -178,6 +179,7 @@ class Trainer:
         preflight(cfg)
         self.cfg, t = cfg, cfg.training
         seed_everything(t.seed)
+        allow_tf32(t.allow_tf32)  # the fused op's fp32 matmuls (metric_ds.ops.precision)
         self.run_dir = cfg.run_dir
         self.data: TrainingData = load_training_data(cfg)
         self.label_map = self.data.label_map

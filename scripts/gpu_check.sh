@@ -1,19 +1,30 @@
 #!/usr/bin/env bash
-# The GPU check: everything the CUDA path needs verified, in one prepared run of at most 8 minutes on a lent GPU.
+# The GPU check: everything the CUDA path needs verified, in one prepared run of at most 6 minutes on a lent GPU
+# (machine start excluded), so that it can be run, fixed and run again within a 15-minute lease.
 #
-#   make gpu-wheels                       # here, once: .whl/ with DeepSpeed, pydantic and their missing deps
-#   bash scripts/gpu_check.sh          # there, with .whl carried (no network needed)
-#   bash scripts/gpu_check.sh --cpu-dry-run   # here: the same steps at tiny sizes on CPU (no sanitizer)
+#   make gpu-wheels                          # here, once: .whl/ with DeepSpeed, pydantic and their missing deps
+#   bash scripts/gpu_check.sh                # there, with .whl carried (no network needed)
+#   bash scripts/gpu_check.sh --cpu-dry-run  # here: the same steps at tiny sizes on CPU (no sanitizer, no fp16)
+#   bash scripts/gpu_check.sh --budgets      # each step's time budget and their sum, nothing run
 #
-# Steps, in order, each with a time limit, each printing one line "N name: PASS|FAIL|SKIP (S s)":
-#   1 env        install .whl/ (pip --no-index --find-links .whl), report GPU, driver, torch, CUDA, versions
-#   2 build      build the op in place against the installed torch (setup.py build_ext --inplace)
-#   3 tests      the device-parametrised op/bank/metrics tests on the device, and tests/test_supcon_device.py:
-#                fused vs reference in fp32/bf16/fp16, anchor slices, B up to 65,536, METRIC_DS_SUPCON_TILE=64
-#   4 sanitizer  compute-sanitizer memcheck and racecheck on one small forward + backward
-#   5 bench      op benchmark: fused, reference, gemm_bound; B 4096/16384/65536, d 384/768, fp32 and bf16
-#   6 train      60 steps of `metric-ds train` (BERT-base-sized, bf16, ZeRO 0 and 2, fused and reference,
-#                batch 128, length 64) beside a bare PyTorch loop: samples/s, peak memory, overhead ratio
+# Steps, in order, each with a time budget (the sum is at most BUDGET, 360 s), each printing one line
+# "N name: PASS|FAIL|SKIP (S s)" and writing its result files as soon as it ends (a lease that runs out still
+# returns what ran). SKIP is for what the machine lacks, never for a failure.
+#   1 env       install .whl/ (pip --no-index --find-links .whl), report GPU, driver, torch, CUDA, versions
+#   2 build     build the op in place for the visible GPU only (TORCH_CUDA_ARCH_LIST = its capability, unless set)
+#   3 tests     tests/test_supcon_device.py (fused vs reference in fp32/bf16/fp16, anchor slices, B up to 65,536,
+#               METRIC_DS_SUPCON_TILE=64; FAIL if it was skipped as a whole), and the device-parametrised
+#               op/bank/metrics tests
+#   4 nosync    a few training steps under torch.cuda.set_sync_debug_mode("error"): the tests of
+#               tests/test_host_syncs.py selected by -k sync_debug (SKIP on CPU, where they skip)
+#   5 runs      scripts/gpu_check_runs.py: bf16 contrastive_batch: accumulated with dropout, a checkpoint saved
+#               and resumed (the same loss as a straight run), one fp16 run
+#   6 bench     op timings: fused, reference, gemm_bound; B 256..65536 (the crossover for auto), d 384/768,
+#               fp32 and bf16
+#   7 overhead  `metric-ds train` (BERT-base-sized, bf16, ZeRO 0 and 2, the fused op, batch 128, length 64)
+#               beside a bare PyTorch loop with the same bf16 weights and pinned loader
+#   8 memcheck  compute-sanitizer memcheck on one small forward + backward, when its whole budget is left;
+#               SKIP when compute-sanitizer is missing or refuses the device
 # Everything goes to $OUT (the device tool's folder), else ./gpu_check_out: summary.md (the step lines),
 # log.txt (every command's output), env.txt, supcon.csv/.md, overhead.json/.md. The exit status is 1 if a step
 # failed. PYTHON picks the interpreter (default python3).
@@ -21,10 +32,34 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
+# NUM NAME BUDGET FUNCTION [optional]: an optional step runs only when its whole budget is left, else SKIP.
+BUDGET=360  # seconds for the whole script on the GPU, machine start excluded
+STEPS=(
+  "1 env 20 env_step"
+  "2 build 70 build_step"
+  "3 tests 40 tests_step"
+  "4 nosync 20 nosync_step"
+  "5 runs 55 runs_step"
+  "6 bench 50 bench_step"
+  "7 overhead 70 overhead_step"
+  "8 memcheck 35 memcheck_step optional"
+)
+print_budgets() {
+  local spec num name limit rest sum=0 text=""
+  for spec in "${STEPS[@]}"; do
+    read -r num name limit rest <<< "$spec"
+    text+="${text:+, }$num $name ${limit}s"; sum=$((sum + limit))
+  done
+  echo "budgets: $text; sum ${sum}s of ${BUDGET}s"
+}
+
 DRY=0
-if [ "${1:-}" = "--cpu-dry-run" ]; then DRY=1; elif [ -n "${1:-}" ]; then
-  echo "usage: $0 [--cpu-dry-run]"; exit 2
-fi
+case "${1:-}" in
+  --cpu-dry-run) DRY=1 ;;
+  --budgets) print_budgets; exit 0 ;;
+  "") ;;
+  *) echo "usage: $0 [--cpu-dry-run | --budgets]"; exit 2 ;;
+esac
 PY=${PYTHON:-python3}
 OUTDIR=${OUT:-$ROOT/gpu_check_out}
 mkdir -p "$OUTDIR"
@@ -43,21 +78,27 @@ else
   export DS_ACCELERATOR=cuda MAX_JOBS=${MAX_JOBS:-16} NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:-} --threads 4"
   DEVICE=cuda
 fi
-BUDGET=480  # seconds for the whole script on the GPU
 T0=$(date +%s)
 FAILED=0
 echo "# GPU check $(date -u +%FT%TZ), $([ $DRY = 1 ] && echo 'CPU dry run' || echo 'GPU')" | tee "$SUMMARY"
+print_budgets | tee -a "$SUMMARY"
 
-# step NUM NAME LIMIT FUNCTION: run FUNCTION with at most LIMIT seconds (less if the budget is nearly spent).
+# step NUM NAME LIMIT FUNCTION [optional]: run FUNCTION with at most LIMIT seconds (less if the budget is nearly
+# spent; an optional step is skipped instead). Exit 77 from FUNCTION means SKIP.
 step() {
-  local num=$1 name=$2 limit=$3 fn=$4 left start rc secs status
+  local num=$1 name=$2 limit=$3 fn=$4 optional=${5:-} left start rc secs status note=""
   left=$((BUDGET - ($(date +%s) - T0)))
   if [ $DRY = 1 ]; then
     limit=$((limit * 4))  # a shared CPU, not a timed lease: be lenient (a load average of 27 was seen)
+    note=", ${limit}s in the dry run"
+  elif [ -n "$optional" ] && [ "$left" -lt "$limit" ]; then
+    echo "===== step $num $name: ${left}s left, it needs ${limit}s" >> "$LOG"
+    printf -- "- %s %s: SKIP (%d s left of its %d s budget)\n" "$num" "$name" "$left" "$limit" | tee -a "$SUMMARY"
+    return
   elif [ "$left" -lt "$limit" ]; then
     limit=$((left > 10 ? left : 10))
   fi
-  echo "===== step $num $name (limit ${limit}s)" >> "$LOG"
+  echo "===== step $num $name (budget ${3}s$note)" | tee -a "$LOG"
   start=$(date +%s%N)
   timeout --kill-after=10 "$limit" bash -c "$(declare -f "$fn"); $(declare -p DRY PY OUTDIR WORK DEVICE ROOT); $fn" \
     >> "$LOG" 2>&1
@@ -104,7 +145,14 @@ EOF
 
 build_step() {
   set -e
-  if [ $DRY = 1 ]; then export METRIC_DS_SKIP_CUDA=1; fi
+  if [ $DRY = 1 ]; then
+    export METRIC_DS_SKIP_CUDA=1
+  elif [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+    # the visible GPU only: one architecture compiles in a fraction of the default list's time
+    TORCH_CUDA_ARCH_LIST=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))")
+    export TORCH_CUDA_ARCH_LIST
+  fi
+  echo "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-}"
   $PY setup.py -q build_ext --inplace
   $PY - <<EOF
 from metric_ds.ops import op_status
@@ -116,17 +164,40 @@ EOF
 
 tests_step() {
   set -e
-  local sel="$DEVICE"
+  local sel="$DEVICE" out
   [ $DRY = 1 ] && sel="cpu and not 1025 and not 4099 and not 2500"  # the small CPU cases: the dry run's budget
-  $PY -m pytest -q -x -p no:cacheprovider -o addopts="" tests/test_supcon_device.py
+  out=$($PY -m pytest -q -x -p no:cacheprovider -o addopts="" -rs tests/test_supcon_device.py 2>&1) || {
+    echo "$out"; exit 1; }
+  echo "$out"
+  # skipped as a whole (op not built for the device, no GPU seen), pytest still exits 0: that is a failure here
+  grep -Eq "[0-9]+ passed" <<< "$out" || { echo "tests/test_supcon_device.py ran nothing on $DEVICE"; exit 1; }
   $PY -m pytest -q -x -p no:cacheprovider -o addopts="" -m "not slow" -k "$sel" \
     tests/test_supcon_op.py tests/test_bank.py tests/test_metrics.py
 }
 
-sanitizer_step() {
-  if [ $DRY = 1 ]; then echo "skipped in the CPU dry run"; exit 77; fi
+nosync_step() {
+  # GPU-only tests (skipped without CUDA): a few training steps under set_sync_debug_mode("error")
+  local out rc
+  out=$($PY -m pytest -q -p no:cacheprovider -o addopts="" -rs -k sync_debug tests/test_host_syncs.py 2>&1)
+  rc=$?
+  echo "$out"
+  [ $rc = 0 ] || [ $rc = 5 ] || exit 1  # 5: nothing selected
+  if grep -Eq "[0-9]+ passed" <<< "$out" && ! grep -Eq "[0-9]+ skipped" <<< "$out"; then exit 0; fi
+  if [ $DRY = 1 ]; then echo "the sync_debug tests need CUDA"; exit 77; fi
+  echo "the sync_debug tests of tests/test_host_syncs.py did not all run on the GPU"; exit 1
+}
+
+runs_step() {
   set -e
-  cat > "$WORK/sanitize_case.py" <<'EOF'
+  $PY scripts/gpu_check_runs.py --device "$DEVICE" --workdir "$WORK/runs"
+}
+
+memcheck_step() {
+  if [ $DRY = 1 ]; then echo "skipped in the CPU dry run"; exit 77; fi
+  local sanitizer out rc only_ours=()
+  sanitizer=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer 2> /dev/null) \
+    || { echo "compute-sanitizer not found"; exit 77; }
+  cat > "$WORK/sanitize_case.py" <<'CASE'
 import torch
 import torch.nn.functional as F
 from metric_ds.ops import supcon_loss
@@ -140,16 +211,23 @@ for dtype in (torch.float32, torch.bfloat16):
         loss.backward()
 torch.cuda.synchronize()
 print("sanitizer case ok:", float(loss))
-EOF
+CASE
   # No caching allocator: each tensor is its own allocation, so memcheck sees an overrun past its end.
-  # A 128-wide tile: 300 rows cross three tiles, the last one partial.
+  # A 128-wide tile: 300 rows cross three tiles, the last one partial. Our kernels only, where this version can
+  # filter by name (cuBLAS's would take minutes).
   export PYTORCH_NO_CUDA_MEMORY_CACHING=1 METRIC_DS_SUPCON_TILE=128
-  compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 $PY "$WORK/sanitize_case.py"
-  # racecheck on our kernels only (cuBLAS's would take minutes), where this version can filter by name
-  local only_ours=()
-  compute-sanitizer --help 2>&1 | grep -q -- "--kernel-name" && only_ours=(--kernel-name kns=metric_ds)
-  compute-sanitizer --tool racecheck --error-exitcode 1 --print-limit 20 "${only_ours[@]}" \
-    $PY "$WORK/sanitize_case.py"
+  "$sanitizer" --help 2>&1 | grep -q -- "--kernel-name" && only_ours=(--kernel-name kns=metric_ds)
+  out=$("$sanitizer" --tool memcheck --error-exitcode 1 --print-limit 20 --report-api-errors no "${only_ours[@]}" \
+    $PY "$WORK/sanitize_case.py" 2>&1)
+  rc=$?
+  echo "$out"
+  [ $rc = 0 ] && grep -q "sanitizer case ok" <<< "$out" && exit 0
+  # a finding is a failure; a tool that cannot attach to this device or driver is something the machine lacks
+  grep -Eq "ERROR SUMMARY: [1-9]" <<< "$out" && exit 1
+  if grep -Eiq "not supported|unsupported|incompatible|permission|not permitted|failed to (initialize|attach)|before first instrumented" <<< "$out"; then
+    echo "compute-sanitizer refused this device: SKIP"; exit 77
+  fi
+  exit 1
 }
 
 bench_step() {
@@ -158,7 +236,8 @@ bench_step() {
   if [ $DRY = 1 ]; then
     args="--device cpu --in-process --B 64 128 --d 16 --reps 1"
   else
-    args="--device cuda --in-process --B 4096 16384 65536 --d 384 768 --reps 5 --reference-max-B 16384"
+    args="--device cuda --in-process --B 256 512 1024 2048 4096 16384 65536 --d 384 768 --reps 3
+      --reference-max-B 16384"
   fi
   for dtype in fp32 bf16; do
     $PY benchmarks/bench_supcon.py $args --dtype $dtype --providers fused reference gemm_bound --modes full \
@@ -180,26 +259,24 @@ assert not bad, f"fused cases failed: {bad}"
 EOF
 }
 
-train_step() {
+overhead_step() {
   set -e
   if [ $DRY = 1 ]; then
-    # ZeRO 0 and 2 with the fused op: three processes (the reference differs only inside the loss, which
-    # step 3 tested), to keep the dry run within about three minutes
+    # ZeRO 0 and 2 with the fused op: three processes, to keep the dry run within about three minutes
     $PY benchmarks/bench_overhead.py --device cpu --size tiny --batch 8 --seq 16 --steps 4 --log-every 2 \
       --precision bf16 --zero 0 2 --impl fused --out "$OUTDIR" --workdir "$WORK/overhead"
   else
-    $PY benchmarks/bench_overhead.py --device cuda --size bert-base --batch 128 --seq 64 --steps 60 \
-      --log-every 10 --precision bf16 --zero 0 2 --impl fused reference --out "$OUTDIR" --workdir "$WORK/overhead"
+    # the fused op only (the reference differs inside the loss, which step bench times): three processes
+    $PY benchmarks/bench_overhead.py --device cuda --size bert-base --batch 128 --seq 64 --steps 30 \
+      --log-every 10 --precision bf16 --zero 0 2 --impl fused --out "$OUTDIR" --workdir "$WORK/overhead"
   fi
+  cat "$OUTDIR/overhead.md" >> "$OUTDIR/summary.md"  # in the summary at once, whatever comes after
 }
 
-step 1 env 40 env_step
-step 2 build 120 build_step
-step 3 tests 75 tests_step
-step 4 sanitizer 50 sanitizer_step
-step 5 bench 75 bench_step
-step 6 train 150 train_step
+for spec in "${STEPS[@]}"; do
+  # shellcheck disable=SC2086 - the spec's words are step's arguments
+  step $spec
+done
 total=$(( $(date +%s) - T0 ))
-echo "total: ${total} s; results in $OUTDIR" | tee -a "$SUMMARY"
-[ -f "$OUTDIR/overhead.md" ] && cat "$OUTDIR/overhead.md" >> "$SUMMARY"
+echo "total: ${total} s of ${BUDGET} s; results in $OUTDIR" | tee -a "$SUMMARY"
 exit $FAILED

@@ -1,9 +1,10 @@
-"""scripts/gpu_check.sh --cpu-dry-run: the GPU check's six steps at tiny sizes on CPU, so that the script is
-ready (and green) the day a GPU is lent."""
+"""scripts/gpu_check.sh --cpu-dry-run: the GPU check's steps at tiny sizes on CPU, so that the script is ready (and
+green) the day a GPU is lent; and its budgets, which must fit the 6 minutes that leave room for a second run."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -11,6 +12,25 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
+
+
+STEPS = ["1 env", "2 build", "3 tests", "4 nosync", "5 runs", "6 bench", "7 overhead", "8 memcheck"]
+SKIPPED_ON_CPU = {"4 nosync", "8 memcheck"}  # the sync-debug tests need CUDA; no sanitizer in the dry run
+
+
+def budgets(text: str) -> dict[str, int]:
+    """Each step's budget in seconds, from the script's "budgets:" line."""
+    line = next(x for x in text.splitlines() if x.startswith("budgets:"))
+    return {m[0]: int(m[1]) for m in re.findall(r"(\d+ \w+) (\d+)s", line.split(";")[0])}
+
+
+def test_the_budgets_fit_six_minutes():
+    out = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--budgets"], capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    got = budgets(out)
+    assert list(got) == STEPS
+    assert sum(got.values()) <= 360, out
+    assert f"sum {sum(got.values())}s of 360s" in out
 
 
 @pytest.mark.slow
@@ -30,10 +50,14 @@ def check_dry_run(out: Path) -> None:
     log_tail = (out / "log.txt").read_text()[-4000:] if (out / "log.txt").exists() else ""
     assert proc.returncode == 0, summary + "\n" + log_tail
     steps = [line for line in summary.splitlines() if line.startswith("- ")]
-    assert [s.split(":")[0] for s in steps] == ["- 1 env", "- 2 build", "- 3 tests", "- 4 sanitizer", "- 5 bench",
-                                                "- 6 train"]
-    assert all(": PASS (" in s for s in steps if "sanitizer" not in s), summary
-    assert ": SKIP (" in steps[3]
+    assert [s.split(":")[0][2:] for s in steps] == STEPS
+    assert all(": PASS (" in s for s in steps if s.split(":")[0][2:] not in SKIPPED_ON_CPU), summary
+    assert all(": SKIP (" in s for s in steps if s.split(":")[0][2:] in SKIPPED_ON_CPU), summary
+    assert sum(budgets(summary).values()) <= 360
+    for name, seconds in budgets(summary).items():  # each step says its budget as it starts
+        assert f"===== step {name} (budget {seconds}s, {seconds * 4}s in the dry run)" in proc.stdout
+    log = (out / "log.txt").read_text()
+    assert "runs ok: bf16 accumulated with dropout, save and resume" in log
     rows = (out / "supcon.csv").read_text().splitlines()
     assert {"fused", "reference", "gemm_bound"} <= {r.split(",")[1] for r in rows[1:]}
     results = json.loads((out / "overhead.json").read_text())["results"]

@@ -210,7 +210,7 @@ def _raising_on_syncs(fn):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh runs it)")
 @pytest.mark.parametrize("mode", ["micro", "accumulated"])
-def test_steps_make_no_host_sync_on_a_gpu(tmp_path, tiny_model_dir, tiny_table, monkeypatch, mode):
+def test_sync_debug_steps_make_no_host_sync_on_a_gpu(tmp_path, tiny_model_dir, tiny_table, monkeypatch, mode):
     """On a GPU, the steps' own work (the rows found and moved, the loss, the bank's add) raises on any sync.
     DeepSpeed's and the encoder's internals are not ours and run outside the check."""
     from metric_ds import steps

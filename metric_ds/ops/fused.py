@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from metric_ds.ops import build
+from metric_ds.ops.precision import ieee_fp32_matmuls
 from metric_ds.ops.reference import check_labels
 
 _PKG = Path(__file__).resolve().parent.parent
@@ -119,7 +120,8 @@ def _register_python_parts() -> None:
         nones = (None,) * (ctx.num_inputs - 1)
         if grad_rows is None:
             return (None, *nones)
-        dz = torch.ops.metric_ds.supcon_bwd(grad_rows.contiguous(), z, labels, lse, num_pos, *ctx.args)
+        with ieee_fp32_matmuls():
+            dz = torch.ops.metric_ds.supcon_bwd(grad_rows.contiguous(), z, labels, lse, num_pos, *ctx.args)
         return (dz, *nones)
 
     torch.library.register_autograd("metric_ds::supcon_fwd", backward, setup_context=setup_context)
@@ -135,9 +137,10 @@ def supcon_loss_fused(z: torch.Tensor, labels: torch.Tensor, temperature: float,
     ``[0, num_classes)`` raise a ``ValueError`` here (:func:`~metric_ds.ops.reference.check_labels`).
     """
     check_labels(labels, num_classes)
-    loss_rows, _, num_pos = torch.ops.metric_ds.supcon_fwd(z, labels, float(temperature), int(anchor_start),
-                                                           int(anchor_count),
-                                                           -1 if num_classes is None else int(num_classes))
+    with ieee_fp32_matmuls():  # unless training.allow_tf32 (metric_ds.ops.precision)
+        loss_rows, _, num_pos = torch.ops.metric_ds.supcon_fwd(z, labels, float(temperature), int(anchor_start),
+                                                               int(anchor_count),
+                                                               -1 if num_classes is None else int(num_classes))
     num_valid = (num_pos > 0).sum()
     denom = num_valid if num_valid_global is None else torch.as_tensor(num_valid_global, device=z.device)
     return loss_rows.sum() / denom.clamp_min(1).to(loss_rows.dtype), num_valid

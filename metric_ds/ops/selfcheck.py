@@ -4,13 +4,15 @@ An op that is registered for a device may still not run there (a GPU newer than 
 for: "no kernel image is available"), or run and be wrong (a compiler or driver bug on hardware nobody here has
 tried). So the first time the fused op would be used on a (device type, device index, dtype), it runs on a small
 random batch (70 rows, both the whole-set and the anchor-slice paths, a few milliseconds) and is compared with
-:mod:`metric_ds.ops.reference`. The verdict is kept for the life of the process.
+:mod:`metric_ds.ops.reference`, with TF32 off (:mod:`metric_ds.ops.precision`). The verdict is kept for the
+life of the process.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from metric_ds.ops.precision import ieee_fp32_matmuls
 from metric_ds.ops.reference import supcon_loss_reference
 
 # Largest error allowed, relative to the reference's largest magnitude (at least 1 for the loss). The fused op
@@ -51,7 +53,9 @@ def _run(device: torch.device, dtype: torch.dtype) -> str | None:
 
     try:
         # Inside the context even the inputs: made under an outer inference_mode they could not enter autograd.
-        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        # TF32 off too (restored after): under TF32 a correct op and the reference round apart by more than LOSS_TOL.
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False), \
+                ieee_fp32_matmuls(force=True):
             g = torch.Generator().manual_seed(20240611)
             z64 = F.normalize(torch.randn(_ROWS, _DIM, generator=g, dtype=torch.float64), dim=1)
             labels = torch.randint(0, _CLASSES, (_ROWS,), generator=g).to(device)
