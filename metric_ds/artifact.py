@@ -13,7 +13,8 @@ A model folder is a standard Hugging Face folder plus metric_ds's heads, labels 
 
 Training writes it with :func:`save_model`; ``metric_ds.load``, ``metric-ds evaluate``, ``export``,
 ``predict``, ``embed`` and ``pseudo-label --model`` find it with :func:`resolve_model_folder` and read it with
-:func:`load_model` and the ``read_*`` functions here. Its metadata is checked whenever a folder is found or loaded:
+:func:`load_model` and the ``read_*`` functions here. Its metadata is checked once, when a folder is loaded or
+exported, before anything is written:
 ``heads.json`` against :class:`HeadsMeta`, ``labels.json`` against :class:`LabelsFile`, and the tensors that
 ``heads.safetensors`` holds against both (:func:`check_model_folder`), so that a damaged folder is one error naming
 the file and the field, never a traceback or a model that silently computes something else.
@@ -88,11 +89,7 @@ class LabelsFile(BaseModel):
 
 def _read_json(path: Path, schema: type[BaseModel]) -> Any:
     """The file at ``path`` validated by ``schema``, or one :class:`UserError` naming the file and every bad field."""
-    try:
-        data = read_mapping(path, "file of the model folder", "JSON", json.loads, json.JSONDecodeError, DAMAGED)
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON (not UTF-8 text: {exc.reason} at byte {exc.start}); "
-                        f"{DAMAGED}") from None
+    data = read_mapping(path, "file of the model folder", "JSON", json.loads, json.JSONDecodeError, DAMAGED)
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
@@ -106,25 +103,28 @@ def _read_json(path: Path, schema: type[BaseModel]) -> Any:
         raise UserError(f"{path}: {'; '.join(problems)}; {DAMAGED}") from None
 
 
+def find_model_folder(path: str | Path) -> Path | None:
+    """``path`` itself or its ``best/``, whichever holds ``heads.json``; None when neither does."""
+    return next((f for f in (Path(path), Path(path) / BEST) if (f / HEADS_META).is_file()), None)
+
+
 def resolve_model_folder(path: str | Path) -> Path:
-    """The model folder at ``path``: the folder itself, or a run folder's ``best/``; its metadata checked
-    (:func:`check_model_folder`).
+    """The model folder at ``path``: the folder itself, or a run folder's ``best/`` (found, not read: its
+    metadata is checked by whatever loads it, :func:`load_model` or :func:`check_model_folder`).
 
     Raises:
-        UserError: ``path`` is missing, holds no model folder, or its model folder has no ``labels.json`` or is
-            damaged.
+        UserError: ``path`` is missing, holds no model folder, or its model folder has no ``labels.json``.
     """
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such folder; give a run folder (checkpoints_dir/run_name) or its {BEST}/ "
                         "folder (e.g. runs/example/best)")
-    for folder in (path, path / BEST):
-        if (folder / HEADS_META).is_file():
-            if not (folder / LABELS).is_file():
-                raise UserError(f"{folder}: has no {LABELS}, so predictions could not be named; "
-                                f"use a folder written by metric-ds train (a run's {BEST}/)")
-            check_model_folder(folder)
-            return folder
+    folder = find_model_folder(path)
+    if folder is not None:
+        if not (folder / LABELS).is_file():
+            raise UserError(f"{folder}: has no {LABELS}, so predictions could not be named; "
+                            f"use a folder written by metric-ds train (a run's {BEST}/)")
+        return folder
     raise UserError(f"{path} is neither a metric_ds export (it has no {HEADS_META}) nor a run folder with an export "
                     f"(no {BEST}/{HEADS_META}); give RUN_DIR or RUN_DIR/{BEST} of a run that validated at least once")
 
@@ -184,9 +184,9 @@ def write_sentence_transformers(folder: str | Path, *, strict: bool = False) -> 
             reproduced.
     """
     folder = Path(folder)
-    meta, _ = check_model_folder(folder)
+    meta, labels = check_model_folder(folder)
     write_layout(folder, meta.model_dump(), load_file(str(folder / HEADS_WEIGHTS)), read_max_seq_length(folder),
-                 read_label_names(folder), strict)
+                 None if labels is None else labels.names, strict)
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -212,15 +212,6 @@ def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
             return {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}  # noqa: SIM118 - no iter
     except (SafetensorError, OSError) as exc:
         raise UserError(f"{path}: unreadable, truncated or not a safetensors file ({exc}); {DAMAGED}") from None
-
-
-def read_head_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
-    """The name and shape of each tensor in ``heads.safetensors`` (its header only).
-
-    Raises:
-        UserError: the file is unreadable, truncated or not a safetensors file.
-    """
-    return _tensor_shapes(Path(folder) / HEADS_WEIGHTS)
 
 
 def _heads_problems(folder: Path, meta: HeadsMeta, labels: LabelMap | None,
@@ -260,7 +251,7 @@ def check_model_folder(folder: str | Path) -> tuple[HeadsMeta, LabelMap | None]:
     folder = Path(folder)
     meta = read_heads_meta(folder)
     labels = read_labels(folder) if (folder / LABELS).is_file() else None
-    problems = _heads_problems(folder, meta, labels, read_head_shapes(folder))
+    problems = _heads_problems(folder, meta, labels, _tensor_shapes(folder / HEADS_WEIGHTS))
     for encoder_weights in sorted(folder.glob("model*.safetensors")):  # one file, or the shards of a large one
         _tensor_shapes(encoder_weights)
     if problems:

@@ -86,6 +86,8 @@ def read_mapping(path: Path, what: str, fmt: str, parse: Callable[[str], Any], p
         data = parse(path.read_text(encoding="utf-8"))
     except parse_errors as exc:
         raise UserError(f"{path}: not valid {fmt}: {exc}; {fix}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not valid {fmt} (not UTF-8 text: {exc.reason} at byte {exc.start}); {fix}") from None
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise UserError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}; {fix}")

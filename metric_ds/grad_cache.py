@@ -40,11 +40,10 @@ def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torc
 @dataclass
 class WindowResult:
     """What one accumulated window gives the loop: its loss terms (over all its rows), and its rows' pooled ``h``
-    and masks for the bank."""
+    for the bank."""
 
     terms: LossTerms
     h: torch.Tensor
-    metric_mask: torch.Tensor
 
 
 def accumulated_step(engine: Any, loss_fn: JointLoss, batches: list[dict[str, torch.Tensor]],
@@ -61,7 +60,7 @@ def accumulated_step(engine: Any, loss_fn: JointLoss, batches: list[dict[str, to
             :class:`~metric_ds.losses.RowIndex`); ``None``: found from the device masks (a host sync on a GPU).
 
     Returns:
-        The window's loss terms, ``h`` and ``metric_mask`` of its rows.
+        The window's loss terms and the ``h`` of its rows.
     """
     device = engine.device
     states, zs, logits, hs = [], [], [], []
@@ -92,4 +91,4 @@ def accumulated_step(engine: Any, loss_fn: JointLoss, batches: list[dict[str, to
             before_step()
         engine.step()
     _set_rng_state(end_state, device)
-    return WindowResult(terms, torch.cat(hs), cat["metric_mask"])
+    return WindowResult(terms, torch.cat(hs))

@@ -263,8 +263,8 @@ class Trainer:
         """Train to ``total_steps`` (or the end of ``num_epochs``), validating, logging and checkpointing on the way
         (see the module docstring); returns the run summary."""
         cfg, t, st = self.cfg, self.cfg.training, self.state
-        if st.global_step >= self.total_steps and (self.run_dir / run_folder.SUMMARY).is_file():
-            return self._already_finished()
+        if st.global_step >= self.total_steps and (summary := run_folder.read_summary(self.run_dir)) is not None:
+            return self._already_finished(summary)
         start_wall = time.perf_counter()
         samples_at_start = st.samples_seen
         bar = progress_bar(self.total_steps, "train", initial=st.global_step, setting=cfg.logging.progress)
@@ -321,12 +321,12 @@ class Trainer:
             generator=torch.Generator().manual_seed(t.seed),  # keeps the global RNG untouched
         )
 
-    def _already_finished(self) -> dict[str, Any]:
-        """A run resumed after its last step: nothing to train, its summary."""
+    def _already_finished(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """A run resumed after its last step: nothing to train, its ``summary``."""
         if D.is_main():
             tqdm.write(f"{self.run_dir} already finished at step {self.state.global_step}; nothing to train")
         self.tracker.close()
-        return run_folder.read_summary(self.run_dir)
+        return summary
 
     def _log_train(self, window: TermWindow, elapsed: float, out: StepOutput, bar: Any) -> None:
         """The one host read of a logging window: its loss terms, lr, grad norm and throughput."""

@@ -9,6 +9,8 @@ import os
 import random
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +150,27 @@ def run(root: Path, model_dir: Path, table: Path, **over):
 def records(run_dir: Path) -> list[dict]:
     """The run's ``metrics.jsonl``, one dict per record."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(trainer) -> dict[str, torch.Tensor]:
+    """A finished trainer's full weights (gathered under ZeRO-3), copied to the CPU."""
+    from metric_ds.best import full_state_dict
+
+    return {k: v.clone() for k, v in full_state_dict(trainer.engine.module, trainer.cfg.deepspeed.zero_stage).items()}
+
+
+@contextmanager
+def tmpfs(path: Path, size: str = "1m") -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``path`` (created) for the block: a real small disk, or a mount point. Skips
+    the test where mounting is not allowed (not root, or no mount namespace)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root, or no mount namespace)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def launch_env() -> dict[str, str]:

@@ -6,22 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_cfg, run
+from conftest import make_cfg, run, weights
 
 from metric_ds.config import validate_config
 from metric_ds.grad_cache import accumulated_step
 from metric_ds.model import model_inputs
 from metric_ds.train import Trainer
-
-
-def _weights(trainer) -> dict[str, torch.Tensor]:
-    module = trainer.engine.module
-    if trainer.cfg.deepspeed.zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            return {k: v.detach().clone() for k, v in module.state_dict().items()}
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def _masked_table(tmp_path: Path) -> Path:
@@ -45,8 +35,8 @@ def test_four_micro_batches_of_8_equal_one_batch_of_32(tmp_path, no_dropout_mode
                            training__gradient_accumulation_steps=4, training__contrastive_batch="accumulated",
                            **common)
     assert acc_summary["steps"] == big_summary["steps"] == 3  # 72 rows: windows of 32, 32 and 8
-    expected = _weights(big)
-    for name, tensor in _weights(acc).items():
+    expected = weights(big)
+    for name, tensor in weights(acc).items():
         torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6, msg=name)
     # the bank got every row once, in the same order
     for a, b in zip(acc.bank.copy_live_rows(), big.bank.copy_live_rows()):

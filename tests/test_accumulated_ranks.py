@@ -2,12 +2,11 @@
 of one process with 2 micro-batches of 8 rows: the contrast set is every rank's window, gathered."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import launch, make_cfg, make_frame, write_cfg
+from conftest import launch, make_cfg, make_frame, records, write_cfg
 
 pytestmark = pytest.mark.slow
 
@@ -34,8 +33,8 @@ def test_two_ranks_accumulated_equal_one(tmp_path, no_dropout_model_dir):
     one.mkdir(), two.mkdir()
     launch(_config(one, no_dropout_model_dir, table, 8), 1)
     launch(_config(two, no_dropout_model_dir, table, 4), 2)
-    records = [json.loads(x) for x in (two / "runs" / "acc" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["train/contrastive_batch"] for r in records if "train/contrastive_batch" in r][0] == 16
+    recs = records(two / "runs" / "acc")
+    assert [r["train/contrastive_batch"] for r in recs if "train/contrastive_batch" in r][0] == 16
     expected = _weights(one)
     for name, tensor in _weights(two).items():
         torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_cfg, make_frame, run
+from conftest import make_cfg, make_frame, run, tmpfs
 
 import metric_ds.best as best_mod
 from metric_ds.best import full_state_dict, is_better
@@ -88,20 +88,12 @@ def test_a_full_disk_on_the_first_export_says_there_is_no_best_yet(trainer, monk
 
 def test_a_full_disk_while_writing_best_is_one_error(tmp_path, tiny_model_dir, tiny_table):
     """A real full disk: the run folder on a small tmpfs (where the test may mount one), no periodic checkpoints."""
-    import subprocess
-
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with tmpfs(tmp_path / "small") as mnt:
         with pytest.raises(UserError, match=r"could not export best/ to .*: no space left on device "
                                             r"\(there is no best/ yet\)"):
             run(tmp_path, tiny_model_dir, tiny_table, training__max_steps=2, training__eval_every_n_steps=1,
                 checkpointing__checkpoints_dir=str(mnt), checkpointing__save_every_n_batches=None)
         assert not {"best", ".tmp-best", ".old-best"} & {p.name for p in (mnt / "t").iterdir()}
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def _limited_table(tmp_path: Path, labelled_per_class: int) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import launch_env, make_cfg
+from conftest import launch_env, make_cfg, records
 
 pytestmark = pytest.mark.slow
 
@@ -50,8 +50,8 @@ def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _val_records(run_dir: Path) -> list[dict]:
-    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not any(s in k for s in VOLATILE)} for r in recs if "val/loss" in r]
+    return [{k: v for k, v in r.items() if not any(s in k for s in VOLATILE)} for r in records(run_dir)
+            if "val/loss" in r]
 
 
 def test_killed_and_resumed_three_times_equals_the_uninterrupted_run(tmp_path, tiny_model_dir, tiny_table):

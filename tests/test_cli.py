@@ -2,39 +2,23 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
-from conftest import BANKING77, REPO, make_frame
+from conftest import BANKING77, REPO, launch_env, make_frame, write_cfg
 
 from metric_ds.cli import main
 
 
-def clean_env() -> dict[str, str]:
-    """This process's environment without the rendezvous variables that in-process trainings set (a child
-    would otherwise try to listen on the port this process still holds)."""
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
-    return {k: v for k, v in os.environ.items() if k not in drop}
-
-
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "metric_ds", *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=600, env=clean_env())
-
-
-def write_cfg(tmp_path: Path, data: dict) -> Path:
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+                          timeout=600, env=launch_env())
 
 
 def test_config_errors_exit_1_without_traceback(tmp_path, capsys):
-    cfg = write_cfg(tmp_path, {"data": {"train_path": "x.parquet", "val_ratio": 2},
+    cfg = write_cfg(tmp_path / "cfg.yaml", {"data": {"train_path": "x.parquet", "val_ratio": 2},
                                "training": {"supcon_temperature": -0.1, "batch_sise": 3}})
     assert main(["validate", "--config", str(cfg)]) == 1
     err = capsys.readouterr().err
@@ -44,7 +28,7 @@ def test_config_errors_exit_1_without_traceback(tmp_path, capsys):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    cfg = write_cfg(tmp_path, {"data": {}})
+    cfg = write_cfg(tmp_path / "cfg.yaml", {"data": {}})
     with pytest.raises(ValueError):
         main(["--debug", "validate", "--config", str(cfg)])
 
@@ -52,7 +36,7 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_data_errors_name_file_and_exit_1(tmp_path, capsys):
     path = tmp_path / "t.csv"
     pd.DataFrame({"text": ["a", "b"], "category": [1, 2]}).to_csv(path, index=False)
-    cfg = write_cfg(tmp_path, {"data": {"train_path": str(path)}})
+    cfg = write_cfg(tmp_path / "cfg.yaml", {"data": {"train_path": str(path)}})
     assert main(["validate", "--config", str(cfg)]) == 1
     err = capsys.readouterr().err
     assert f"error: {path}: missing column(s) label, metric_mask, classifier_mask" in err
@@ -65,7 +49,8 @@ def test_fp16_on_cpu_is_a_user_error(tmp_path, capsys):
         pytest.skip("a GPU is present")
     table = tmp_path / "t.parquet"
     make_frame(40).to_parquet(table)
-    cfg = write_cfg(tmp_path, {"data": {"train_path": str(table)}, "training": {"mixed_precision": "fp16"}})
+    cfg = write_cfg(tmp_path / "cfg.yaml",
+                    {"data": {"train_path": str(table)}, "training": {"mixed_precision": "fp16"}})
     assert main(["validate", "--config", str(cfg)]) == 1
     assert "fp16 needs a CUDA GPU" in capsys.readouterr().err
 
@@ -73,7 +58,8 @@ def test_fp16_on_cpu_is_a_user_error(tmp_path, capsys):
 def test_unknown_model_name_is_a_user_error(tmp_path, capsys):
     table = tmp_path / "t.parquet"
     make_frame(40).to_parquet(table)
-    cfg = write_cfg(tmp_path, {"data": {"train_path": str(table)}, "model_name": "nobody/nothing-here"})
+    cfg = write_cfg(tmp_path / "cfg.yaml",
+                    {"data": {"train_path": str(table)}, "model_name": "nobody/nothing-here"})
     assert main(["validate", "--config", str(cfg)]) == 1
     err = capsys.readouterr().err
     assert "neither a local directory nor a model in the local Hugging Face cache" in err
@@ -83,7 +69,8 @@ def test_unknown_model_name_is_a_user_error(tmp_path, capsys):
 def test_validate_prints_a_summary(tmp_path, capsys):
     table = tmp_path / "t.parquet"
     make_frame(80).to_parquet(table)
-    cfg = write_cfg(tmp_path, {"data": {"train_path": str(table)}, "training": {"batch_size": 16}})
+    cfg = write_cfg(tmp_path / "cfg.yaml",
+                    {"data": {"train_path": str(table)}, "training": {"batch_size": 16}})
     assert main(["validate", "--config", str(cfg)]) == 0
     out = capsys.readouterr().out
     assert "rows: 71 train, 9 validation; 4 classes" in out  # per-class rounding of 10%: 2+2+3+2
@@ -96,7 +83,7 @@ def test_prepare_and_validate_banking77(tmp_path, capsys):
     assert main(["prepare", "--input", str(BANKING77 / "train.csv"), "--output", str(out), "--text-column", "text",
                  "--label-column", "category", "--classifier-per-class", "10"]) == 0
     assert "rows=10003, classes=77, classifier_rows=770, metric_rows=10003" in capsys.readouterr().out
-    cfg = write_cfg(tmp_path, {"data": {"train_path": str(out)}, "training": {"batch_size": 64}})
+    cfg = write_cfg(tmp_path / "cfg.yaml", {"data": {"train_path": str(out)}, "training": {"batch_size": 64}})
     assert main(["validate", "--config", str(cfg)]) == 0
     assert "77 classes" in capsys.readouterr().out
 
@@ -119,7 +106,7 @@ def test_train_evaluate_report_end_to_end(tmp_path, tiny_model_dir):
     make_frame(96).to_parquet(table)
     test_table = tmp_path / "test.csv"
     make_frame(40, seed=9).to_csv(test_table, index=False)
-    cfg = write_cfg(tmp_path, {
+    cfg = write_cfg(tmp_path / "cfg.yaml", {
         "run_name": "e2e", "model_name": str(tiny_model_dir),
         "data": {"train_path": str(table)},
         "training": {"batch_size": 8, "num_epochs": 1, "max_seq_length": 16, "log_every_n_steps": 2},
@@ -127,7 +114,7 @@ def test_train_evaluate_report_end_to_end(tmp_path, tiny_model_dir):
         "logging": {"backends": ["jsonl", "console", "tensorboard"]},
     })
     proc = subprocess.run([sys.executable, "train_metric_classifier.py", "--config", str(cfg)], capture_output=True,
-                          text=True, cwd=REPO, timeout=600, env=clean_env())
+                          text=True, cwd=REPO, timeout=600, env=launch_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "e2e"
     assert (run / "best" / "heads.json").is_file() and (run / "checkpoints" / "latest").is_file()

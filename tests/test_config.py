@@ -267,3 +267,10 @@ def test_a_yaml_bool_elsewhere_is_refused_and_says_to_quote(tmp_path, section, t
     path.write_text(f"data: {{train_path: x}}\n{body}\n")
     with pytest.raises(UserError, match=message):
         load_config(path)
+
+
+def test_a_config_file_that_is_not_utf8_is_one_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"run_name: \xff\xfe\n")
+    with pytest.raises(UserError, match="c.yaml: not valid YAML \\(not UTF-8 text"):
+        load_config(path)

@@ -65,17 +65,3 @@ def test_dataset_needs_encoded_labels(tokenizer, frame):
         TextDataset.from_frame(frame.drop(columns="label_id"), tokenizer, 16)
     with pytest.raises(ValueError, match="every field needs 2 rows"):
         TextDataset({"input_ids": [[1]]}, np.zeros(2), np.ones(2), np.ones(2), np.arange(2))
-
-
-def test_dynamic_padding(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    df = pd.DataFrame({"text": ["hi", "a much longer text with many words in it", "mid size text"],
-                       "label_id": [0, 1, 0], "metric_mask": [1, 0, 1], "classifier_mask": [1, 1, 0]})
-    ds = TextDataset.from_frame(df, tok, max_seq_length=6)
-    batch = Collator(tok)([ds[0], ds[2]])
-    assert batch["input_ids"].shape[1] == max(len(ds[0]["input_ids"]), len(ds[2]["input_ids"])) <= 6
-    assert batch["attention_mask"].sum(1).tolist() == [len(ds[0]["input_ids"]), len(ds[2]["input_ids"])]
-    assert batch["metric_mask"].dtype == torch.bool and batch["index"].tolist() == [0, 2]
-    assert Collator(tok)([ds[1]])["input_ids"].shape[1] == 6  # truncated

@@ -130,38 +130,3 @@ def test_banking77_reads_exactly():
     assert df["category"].nunique() == 77 and df["text"].notna().all()
     assert df["text"].str.contains("\n").any() and not df["text"].str.contains("\r").any()
     assert not df["category"].str.contains(r"\s").any()  # no record-end debris in the last column
-
-
-@pytest.mark.parametrize("ext", ["parquet", "csv", "jsonl"])
-def test_round_trip_by_extension(tmp_path, ext):
-    df = make_frame(20)
-    path = tmp_path / f"t.{ext}"
-    {"parquet": lambda: df.to_parquet(path), "csv": lambda: df.to_csv(path, index=False),
-     "jsonl": lambda: df.to_json(path, orient="records", lines=True)}[ext]()
-    back = validate_frame(read_table(path), str(path))
-    assert back["text"].tolist() == df["text"].tolist() and back["label"].tolist() == df["label"].tolist()
-
-
-def test_missing_file(tmp_path):
-    with pytest.raises(UserError, match="nope.parquet: file not found"):
-        read_table(tmp_path / "nope.parquet")
-
-
-def test_file_not_what_its_extension_says_basic(tmp_path):
-    path = tmp_path / "table.parquet"
-    path.write_text("text,label\nhello,1\n")
-    with pytest.raises(UserError, match=r"table.parquet: could not be read as PARQUET"):
-        read_table(path)
-
-
-def test_unknown_extension(tmp_path):
-    with pytest.raises(UserError, match="unknown table extension '.xlsx'"):
-        read_table(tmp_path / "t.xlsx")
-
-
-@pytest.mark.parametrize("content", ["", "text,label,metric_mask,classifier_mask\n"])
-def test_empty_table(tmp_path, content):
-    path = tmp_path / "empty.csv"
-    path.write_text(content)
-    with pytest.raises(UserError, match="empty.csv: (the file is empty|the table has no rows)"):
-        read_table(path)

@@ -113,31 +113,3 @@ def test_balance_differs_by_seed_and_rejects_bad_bounds():
         balance_indices(labels, 9, 3, 0)
     with pytest.raises(ValueError, match="downsample must be a positive"):
         balance_indices(labels, None, 0, 0)
-
-
-def test_label_map_stable_order_and_round_trip(tmp_path):
-    lm = LabelMap.from_labels([10, 2, 33, 2])
-    assert lm.names == [2, 10, 33] and lm.encode([33, 2]).tolist() == [2, 0]
-    lm.save(tmp_path / "labels.json")
-    assert LabelMap.load(tmp_path / "labels.json").names == [2, 10, 33]
-    assert json.loads((tmp_path / "labels.json").read_text())["type"] == "int"
-    assert LabelMap.from_labels(["b", "a"]).names == ["a", "b"]
-
-
-def test_stratified_split_deterministic_and_small_classes(caplog):
-    labels = np.array([0] * 50 + [1] * 30 + [2] * 1 + [3] * 2)
-    with caplog.at_level(logging.WARNING, logger="metric_ds"):
-        tr, va = stratified_split(labels, 0.2, seed=5)
-    tr2, va2 = stratified_split(labels, 0.2, seed=5)
-    assert np.array_equal(tr, tr2) and np.array_equal(va, va2)
-    assert np.bincount(labels[va], minlength=4).tolist() == [10, 6, 0, 0]
-    assert "2 class(es) too small to split" in caplog.text
-    assert len(set(tr) & set(va)) == 0 and len(tr) + len(va) == len(labels)
-
-
-def test_balance_up_and_down():
-    labels = np.array([0] * 10 + [1] * 3 + [2] * 6)
-    idx = balance_indices(labels, upsample=5, downsample=8, seed=1)
-    assert np.bincount(labels[idx]).tolist() == [8, 5, 6]
-    assert np.array_equal(idx, balance_indices(labels, upsample=5, downsample=8, seed=1))
-    assert len(set(idx[labels[idx] == 0])) == 8  # downsampling is without replacement

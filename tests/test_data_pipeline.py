@@ -170,21 +170,3 @@ def test_dataset_smaller_than_one_batch(tmp_path):
     make_frame(12).to_parquet(path)
     with pytest.raises(UserError, match=r"fewer than one batch \(training.batch_size = 32\)"):
         load_training_data(_cfg(path, batch_size=32))
-
-
-def test_validation_file_with_unseen_labels(tmp_path):
-    train, val = tmp_path / "train.parquet", tmp_path / "val.csv"
-    make_frame(40, num_classes=3).to_parquet(train)
-    v = make_frame(10, num_classes=3)
-    v.loc[[0, 1], "label"] = ["class_9", "class_7"]
-    v.to_csv(val, index=False)
-    cfg = validate_config({"data": {"train_path": str(train), "val_path": str(val)},
-                           "training": {"batch_size": 8}})
-    with pytest.raises(UserError, match="val.csv: validation labels not in the training data .*: class_7, class_9"):
-        load_training_data(cfg)
-
-
-def test_dataframe_api(tmp_path):
-    cfg = _cfg("unused.parquet")
-    data = load_training_data(cfg, frame=make_frame(40))
-    assert len(data.train) + len(data.val) == 40

@@ -161,13 +161,3 @@ def test_prepare_validates_before_writing(tmp_path):
     with pytest.raises(UserError, match="whitespace-only text in row 2"):
         prepare(src, out, "text", "y")
     assert not out.exists()
-
-
-@pytest.mark.skipif(not (BANKING77 / "train.csv").is_file(), reason="BANKING77 not beside the repository")
-def test_prepare_reads_banking77_quirks(tmp_path):
-    out = tmp_path / "b77.parquet"
-    s = prepare(BANKING77 / "train.csv", out, "text", "category")
-    assert s["rows"] == 10003 and s["classes"] == 77
-    df = pd.read_parquet(out)
-    assert df["text"].str.contains("\n").sum() >= 10  # quoted newlines kept inside their field
-    assert not df["text"].str.endswith("\r").any()

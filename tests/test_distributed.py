@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import launch_env
+from conftest import BIN, launch_env
 
 from metric_ds.distributed import free_port
 
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
-TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +24,7 @@ def launch(world: int, out: Path, model: Path, *extra: str) -> dict:
     if world == 1:
         cmd = [sys.executable, *args]
     else:
-        cmd = [str(TORCHRUN), "--nproc_per_node", str(world), "--master_port", str(free_port()), *args]
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(world), "--master_port", str(free_port()), *args]
     proc = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out, weights_only=True)

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import records, run
+from conftest import records, run, weights
 
 from metric_ds.train import accumulation_window
-
-
-def _weights(trainer) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
 
 
 def _assert_same_weights(a: dict, b: dict) -> None:
@@ -22,9 +18,9 @@ def test_validation_frequency_never_changes_the_weights(tmp_path, tiny_model_dir
     common = dict(training__max_steps=6, training__num_epochs=3)
     runs = [run(tmp_path / str(every), tiny_model_dir, tiny_table, training__eval_every_n_steps=every, **common)[0]
             for every in (None, 1, 3)]
-    weights = [_weights(r) for r in runs]
-    _assert_same_weights(weights[0], weights[1])
-    _assert_same_weights(weights[0], weights[2])
+    trained = [weights(r) for r in runs]
+    _assert_same_weights(trained[0], trained[1])
+    _assert_same_weights(trained[0], trained[2])
 
 
 def test_resume_after_a_validated_step_equals_the_uninterrupted_run(tmp_path, tiny_model_dir, tiny_table):
@@ -35,7 +31,7 @@ def test_resume_after_a_validated_step_equals_the_uninterrupted_run(tmp_path, ti
     stopped, _ = run(tmp_path / "b", tiny_model_dir, tiny_table, training__eval_every_n_steps=4, **common)
     resumed, _ = run(tmp_path / "c", tiny_model_dir, tiny_table,
                      training__resume_from=str(stopped.run_dir / "checkpoints" / "step-4"), **common)
-    _assert_same_weights(_weights(full), _weights(resumed))
+    _assert_same_weights(weights(full), weights(resumed))
 
 
 @pytest.mark.parametrize("i, expected", [(0, (3, False)), (2, (3, True)), (6, (2, False)), (7, (2, True))])

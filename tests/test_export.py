@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tmpfs
 
 from metric_ds.artifact import load_model, save_model
 from metric_ds.cli import main
@@ -220,21 +221,13 @@ def test_an_unwritable_target_is_one_error_line(tmp_path, tiny_model_dir, monkey
 
 def test_a_mount_point_as_output_is_one_error_line(tmp_path, tiny_model_dir, capsys):
     """A real mount point where the test may mount a tmpfs: renaming onto it is refused (EBUSY)."""
-    import subprocess
-
     best = make_export(tmp_path / "best", tiny_model_dir)
-    output = tmp_path / "mnt"
-    output.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(output)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with tmpfs(tmp_path / "mnt") as output:
         capsys.readouterr()
         assert main(["export", str(best), "--format", "st", "--output", str(output)]) == 1
         err = capsys.readouterr().err
         assert err.count("error: ") == 1 and "Traceback" not in err and f"--output {output}: " in err, err
         assert not list(tmp_path.glob(".*partial*"))
-    finally:
-        subprocess.run(["umount", "-l", str(output)], check=False)
 
 
 def test_unknown_format_is_refused(tmp_path, tiny_model_dir, capsys):

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-
 STEPS = ["1 env", "2 build", "3 tests", "4 nosync", "5 runs", "6 bench", "7 overhead", "8 memcheck"]
 SKIPPED_ON_CPU = {"4 nosync", "8 memcheck"}  # the sync-debug tests need CUDA; no sanitizer in the dry run
 

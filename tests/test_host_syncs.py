@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_cfg
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
-from conftest import make_cfg
 
 import metric_ds
 from metric_ds.config import validate_config

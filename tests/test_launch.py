@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import BIN, REPO, launch_env
+from conftest import BIN, REPO, launch, launch_env, records
 
 from metric_ds.distributed import free_port
 
@@ -23,27 +23,26 @@ def check_run(tmp_path: Path, world: int) -> None:
     assert len(summary["rank_digests"]) == world
     assert (run / "checkpoints" / "latest").read_text() == "step-3"
     assert (run / "best" / "heads.safetensors").is_file()
-    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert any("val/acc" in r for r in records)
-    ce_rows = [r["train/ce_rows"] for r in records if "train/ce_rows" in r]
+    recs = records(run)
+    assert any("val/acc" in r for r in recs)
+    ce_rows = [r["train/ce_rows"] for r in recs if "train/ce_rows" in r]
     assert ce_rows and all(v == 8 * world for v in ce_rows)  # the loss sees the global batch
 
 
-def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+def run_ok(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 
 
 def test_deepspeed_launcher_two_processes(tmp_path, launch_config):
-    run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "metric_ds/train.py",
-         "--config", str(launch_config)])
+    run_ok([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+            "metric_ds/train.py", "--config", str(launch_config)])
     check_run(tmp_path, 2)
 
 
 def test_torchrun_two_processes(tmp_path, launch_config):
-    run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "metric_ds.train",
-         "--config", str(launch_config)])
+    launch(launch_config, 2)
     check_run(tmp_path, 2)
 
 

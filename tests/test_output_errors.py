@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import make_frame
+from conftest import make_frame, tmpfs
 
 from metric_ds import outputs
 from metric_ds.cli import build_parser, main
@@ -196,12 +196,7 @@ def test_an_unwritable_pseudo_label_summary_is_one_error_line(tmp_path, tiny_run
 @pytest.fixture
 def full_disk(tmp_path) -> Iterator[Path]:
     """A tmpfs of 256 KiB, filled: every write into it fails with ENOSPC. Skipped where mounting is not allowed."""
-    mnt = tmp_path / "full"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True,
-                      check=False).returncode:
-        pytest.skip("cannot mount a tmpfs here (not root, or no mount namespace)")
-    try:
+    with tmpfs(tmp_path / "full", "256k") as mnt:
         with open(mnt / "filler", "wb") as fh:
             try:
                 while True:
@@ -210,8 +205,6 @@ def full_disk(tmp_path) -> Iterator[Path]:
             except OSError:
                 pass
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.mark.parametrize("command", sorted(set(COMMANDS) - NO_OUTPUT))

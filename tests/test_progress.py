@@ -5,10 +5,9 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from conftest import REPO, launch_env
+from conftest import BIN, REPO, launch_env
 
 from metric_ds.distributed import free_port
 from metric_ds.errors import UserError
@@ -81,7 +80,7 @@ def test_two_rank_training_log_file_has_no_redraws_or_duplicates(tmp_path, launc
     env = {k: v for k, v in launch_env().items() if k != "METRIC_DS_PROGRESS"}
     log = tmp_path / "train.log"
     with open(log, "w") as fh:
-        proc = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2",
+        proc = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2",
                                "--master_port", str(free_port()), "-m", "metric_ds.train", "--config", str(launch_config)],
                               cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=600)
     text = log.read_text()

@@ -12,7 +12,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from metric_ds.artifact import resolve_model_folder, write_sentence_transformers
+from metric_ds.artifact import check_model_folder, resolve_model_folder, write_sentence_transformers
 from metric_ds.errors import UserError
 from metric_ds.export import export_onnx
 from metric_ds.outputs import atomic_output, output_errors
@@ -45,6 +45,8 @@ def export(source: str | Path, fmt: str, output: str | Path) -> Path:
     output = Path(output)
     _check_output(output)
     folder = resolve_model_folder(source)
+    if fmt == "st":  # onnx loads the folder itself (load_model checks it); st checks a copy, so check the source
+        check_model_folder(folder)
     with atomic_output(output, folder=True, what="--output ") as tmp:
         if fmt == "st":
             shutil.copytree(folder, tmp, ignore=shutil.ignore_patterns("eval"))

@@ -135,24 +135,6 @@ def _check_splits(train: pd.DataFrame, val: pd.DataFrame, train_src: str, val_sr
     return problems
 
 
-def check_label_ids(frame: pd.DataFrame, source: str, num_classes: int) -> None:
-    """Refuse label ids outside ``0 .. num_classes - 1`` (a programming error, or a hand-made frame).
-
-    Checked once per dataset, here on the CPU, so that the training step needs no check on the device: there an
-    out-of-range id would end in a device-side assert (``index_add_`` in the SupCon positive counts), which kills
-    the CUDA context.
-
-    Raises:
-        UserError: naming the table, the number of such rows, the first of them and the fix.
-    """
-    ids = frame["label_id"].to_numpy()
-    bad = np.flatnonzero((ids < 0) | (ids >= num_classes))
-    if len(bad):
-        raise UserError(f"{source}: {len(bad)} row(s) have a label id outside 0 .. {num_classes - 1} (the "
-                        f"training labels' classes), the first at row {bad[0]} with id {ids[bad[0]]}; label ids "
-                        "must come from the training table's label map (LabelMap.encode): encode the labels again")
-
-
 def _check_pk(train: pd.DataFrame, pk: tuple[int, int], batch_size: int, metric_loss_weight: float, train_src: str,
               warnings: list[str]) -> list[str]:
     """The problems of the pk sampler's ``(classes_per_batch, samples_per_class)`` against the training split."""
@@ -199,7 +181,6 @@ def build_training_data(frame: str | Path | pd.DataFrame, *, val_frame: str | Pa
         raise UserError(f"{train_src}: the label column holds one class ({label_map.names[0]!r}): the classifier "
                         "and SupCon need at least two. Check the label column")
     df["label_id"] = label_map.encode(df["label"])
-    check_label_ids(df, train_src, label_map.num_classes)
     problems: list[str] = []
     if val is not None:
         unseen = unseen_labels(val["label"], label_map,
@@ -208,7 +189,6 @@ def build_training_data(frame: str | Path | pd.DataFrame, *, val_frame: str | Pa
             problems.append(f"{unseen}; the classifier cannot predict them. Remove those rows or add training rows")
         else:
             val["label_id"] = label_map.encode(val["label"])
-            check_label_ids(val, val_src, label_map.num_classes)
         train = df
     else:
         train, val = _split_off_validation(df, val_ratio, seed, best_metric, train_src, warnings)

@@ -76,8 +76,9 @@ def check_labels(labels: torch.Tensor, num_classes: int | None) -> None:
 
     The check runs on CPU tensors only. On a GPU it would make the host wait for the device, and an out-of-range
     label would otherwise end in a device-side assert of ``index_add_``, which kills the CUDA context: so device
-    labels must be checked before they move, on the CPU. metric_ds's training loop does it once per dataset
-    (:func:`metric_ds.data.pipeline.build_training_data`); a user of :func:`metric_ds.ops.supcon_loss` on a GPU
+    labels must be checked before they move, on the CPU. metric_ds's training labels lie in range by construction
+    (:meth:`metric_ds.data.labels.LabelMap.encode` refuses a label outside the map); a user of
+    :func:`metric_ds.ops.supcon_loss` on a GPU
     who cannot vouch for the labels calls this on them while they are on the CPU, or passes ``num_classes=None``
     (the op then reads the largest label, one sync, and accepts any non-negative label).
 

@@ -32,12 +32,12 @@ from metric_ds.pseudo_label.knn import KnnAssigner, assign_by_knn
 from metric_ds.pseudo_label.labels import split_labelled
 from metric_ds.pseudo_label.pipeline import ASSIGNERS, pseudo_label_frame
 from metric_ds.pseudo_label.precision import estimate_precision, holdout_rows
-from metric_ds.pseudo_label.settings import METHODS, METRIC_MASK_POLICIES, Settings
+from metric_ds.pseudo_label.settings import METHODS, Settings
 from metric_ds.pseudo_label.summary import build_summary, format_summary
 from metric_ds.pseudo_label.table import output_table, repeat_labelled
 
 __all__ = [
-    "ASSIGNERS", "FULL_KMEANS_MAX_ROWS", "METHODS", "METRIC_MASK_POLICIES", "Assigner", "Assignment",
+    "ASSIGNERS", "FULL_KMEANS_MAX_ROWS", "METHODS", "Assigner", "Assignment",
     "KMeansAssigner", "KnnAssigner", "Settings", "TextEmbedder", "assign_by_clusters", "assign_by_knn",
     "build_summary", "cluster_embeddings", "cluster_purity", "embed_texts", "estimate_precision", "format_summary",
     "holdout_rows", "load_embedder", "output_table", "pseudo_label_frame", "repeat_labelled", "split_labelled",

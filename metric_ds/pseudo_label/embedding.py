@@ -40,11 +40,10 @@ class TextEmbedder:
 def load_embedder(model: str | Path | None) -> TextEmbedder:
     """The bundled MiniLM (``None``), a metric_ds export (a folder with ``heads.json``, e.g. ``RUN/best``, or the
     run folder that holds it), or any local HF encoder folder (mean pooling)."""
-    from metric_ds.artifact import HEADS_META, load_model, resolve_model_folder
+    from metric_ds.artifact import find_model_folder, load_model, resolve_model_folder
     from metric_ds.model import load_encoder
-    from metric_ds.run_folder import BEST
 
-    if model is not None and any((folder / HEADS_META).is_file() for folder in (Path(model), Path(model) / BEST)):
+    if model is not None and find_model_folder(model) is not None:
         net, tok = load_model(resolve_model_folder(model))
         return TextEmbedder(net, tok, "export")
     net, tok = load_encoder(None if model is None else str(model))

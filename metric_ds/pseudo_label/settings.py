@@ -11,6 +11,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.fields import FieldInfo
 
+from metric_ds.data.prepare import METRIC_MASK_CHOICES
 from metric_ds.errors import UserError
 
 _BOUNDS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
@@ -71,8 +72,8 @@ class Settings(FlagModel):
     min_labelled: int = Field(2, ge=1, description="kmeans: least labelled rows in a cluster")
     neighbours: int = Field(10, ge=1, description="knn: labelled neighbours that vote")
     margin: float = Field(0.3, ge=0, le=1, description="knn: least lead of the top label's vote share over the runner-up's")
-    metric_mask: Literal["all", "labelled"] = Field(
-        "all", description="all: SupCon on labelled and pseudo-labelled rows; labelled: on the labelled rows only "
+    metric_mask: Literal[METRIC_MASK_CHOICES] = Field(  # prepare's choices: one home
+        METRIC_MASK_CHOICES[0], description="all: SupCon on labelled and pseudo-labelled rows; labelled: on the labelled rows only "
                            "(pseudo-labelled rows are then left out, as in prepare)")
     holdout_fraction: float = Field(
         0.2, ge=0, lt=1, description="share of labelled rows hidden and pseudo-labelled to estimate the precision")
@@ -88,4 +89,3 @@ class Settings(FlagModel):
 
 
 METHODS: tuple[str, ...] = get_args(Settings.model_fields["method"].annotation)
-METRIC_MASK_POLICIES: tuple[str, ...] = get_args(Settings.model_fields["metric_mask"].annotation)
