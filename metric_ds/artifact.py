@@ -87,7 +87,7 @@ class LabelsFile(BaseModel):
         return self
 
 
-def _read_json(path: Path, schema: type[BaseModel]) -> Any:
+def read_schema_file(path: Path, schema: type[BaseModel]) -> Any:
     """The file at ``path`` validated by ``schema``, or one :class:`UserError` naming the file and every bad field."""
     data = read_mapping(path, "file of the model folder", "JSON", json.loads, json.JSONDecodeError, DAMAGED)
     try:
@@ -198,7 +198,7 @@ def read_heads_meta(folder: str | Path) -> HeadsMeta:
     Raises:
         UserError: the file is not JSON, not a mapping, or a field is missing, unknown or bad; naming each.
     """
-    return _read_json(Path(folder) / HEADS_META, HeadsMeta)
+    return read_schema_file(Path(folder) / HEADS_META, HeadsMeta)
 
 
 def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -263,7 +263,7 @@ def load_model(folder: str | Path, attn_implementation: str = "sdpa") -> tuple[M
     """The model and tokenizer of a model folder (see :func:`resolve_model_folder` for a run folder).
 
     Returns:
-        ``(model, tokenizer)`` with the model in eval mode, on the CPU.
+        ``(model, tokenizer)`` with the model in fp32, in eval mode, on the CPU.
 
     Raises:
         UserError: the folder has no ``heads.json``, or is damaged (:func:`check_model_folder`), or its heads
@@ -285,7 +285,8 @@ def load_model(folder: str | Path, attn_implementation: str = "sdpa") -> tuple[M
         raise UserError(f"{folder / HEADS_WEIGHTS}: {'; '.join(diff)} (by {HEADS_META} and the encoder's "
                         f"config.json, hidden_size {encoder.config.hidden_size}); {DAMAGED}")
     model.load_state_dict(heads, strict=False)  # the encoder's weights are loaded already
-    return model.eval(), tokenizer
+    # fp32 throughout: a bf16 run's folder holds a bf16 encoder (which from_pretrained keeps) beside fp32 heads
+    return model.float().eval(), tokenizer
 
 
 def read_labels(folder: str | Path) -> LabelMap:
@@ -294,7 +295,7 @@ def read_labels(folder: str | Path) -> LabelMap:
     Raises:
         UserError: the file is not JSON, or its names are missing, of another type than it says, or repeated.
     """
-    return LabelMap(_read_json(Path(folder) / LABELS, LabelsFile).names)
+    return LabelMap(read_schema_file(Path(folder) / LABELS, LabelsFile).names)
 
 
 def read_label_names(folder: str | Path) -> list[Any] | None:

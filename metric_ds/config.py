@@ -290,6 +290,28 @@ class MetricValidationConfig(_Section):
         return sorted(set(ks))
 
 
+class OpenSetConfig(_Section):
+    """Rejecting out-of-scope texts: at the end of training, each in-scope score (msp, knn, centroid) gets a
+    threshold chosen on the validation rows, which are all of known classes (docs/using-a-model.md)."""
+
+    section: ClassVar[str] = "open_set"
+
+    calibrate: bool = Field(True, description="Calibrate best/ at the end of training (open_set.json and "
+                                              "reference.safetensors); also metric-ds calibrate, for any model.")
+    score: Literal["msp", "knn", "centroid"] = Field(
+        "knn", description="The default score of predict --reject: msp (maximum softmax probability), knn (mean "
+                           "cosine similarity to the knn_k nearest training rows) or centroid (cosine similarity to "
+                           "the nearest class centroid).")
+    reject_rate: float = Field(0.05, gt=0, lt=1, description="Each threshold rejects at most this share of the "
+                                                             "known-class validation rows.")
+    knn_k: int = Field(10, gt=0, description="Neighbours averaged by the knn score.")
+    unknown_label: str | int = Field("unknown", description="What predict --reject answers for a rejected text; "
+                                                             "must not be one of the model's labels.")
+    max_reference_rows: int = Field(
+        50_000, gt=0, description="The knn score searches at most this many training rows (a seeded draw of the "
+                                  "metric_mask rows beyond it), stored in fp16 in reference.safetensors.")
+
+
 class NeptuneConfig(_Section):
     """Neptune tracking. The API token comes only from the NEPTUNE_API_TOKEN environment variable."""
 
@@ -384,6 +406,7 @@ class Config(_Section):
                                                description=CheckpointingConfig.__doc__)
     metric_validation: MetricValidationConfig = Field(default_factory=MetricValidationConfig,
                                                       description=MetricValidationConfig.__doc__)
+    open_set: OpenSetConfig = Field(default_factory=OpenSetConfig, description=OpenSetConfig.__doc__)
     neptune: NeptuneConfig = Field(default_factory=NeptuneConfig, description=NeptuneConfig.__doc__)
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description=LoggingConfig.__doc__)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description=DeepSpeedConfig.__doc__)

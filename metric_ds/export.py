@@ -20,6 +20,7 @@ import importlib
 import io
 import json
 import logging
+import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,7 @@ from torch import nn
 from metric_ds.artifact import LABELS, load_model, read_label_names, read_max_seq_length
 from metric_ds.errors import EnvironmentProblem
 from metric_ds.model import MetricClassifier
+from metric_ds.open_set import OPEN_SET_FILE, REFERENCE_FILE
 
 ONNX_FILE = "model.onnx"
 ONNX_OUTPUTS = ("logits", "embedding")
@@ -127,7 +129,8 @@ def export_onnx(folder: str | Path, out_dir: str | Path, max_seq_length: int | N
     """Write ``model.onnx`` and the tokenizer into ``out_dir`` (created), and check it against PyTorch.
 
     The tokenizer is saved with ``model_max_length = max_seq_length``, so ``tokenizer(texts, truncation=True)``
-    truncates as training did; ``labels.json`` is copied and the graph's metadata holds ``id2label`` and
+    truncates as training did; ``labels.json`` (and a calibrated folder's ``open_set.json`` and
+    ``reference.safetensors``, :mod:`metric_ds.open_set`) are copied and the graph's metadata holds ``id2label`` and
     ``max_seq_length``.
 
     Args:
@@ -169,6 +172,9 @@ def export_onnx(folder: str | Path, out_dir: str | Path, max_seq_length: int | N
     tokenizer.save_pretrained(out)
     if labels is not None:
         (out / LABELS).write_text((folder / LABELS).read_text(encoding="utf-8"), encoding="utf-8")
+    for name in (OPEN_SET_FILE, REFERENCE_FILE):  # what rejection needs: the thresholds, centroids, reference rows
+        if (folder / name).is_file():
+            shutil.copyfile(folder / name, out / name)
     diffs = check_onnx(out / ONNX_FILE, model, tokenizer, max_seq_length)
     if max(diffs.values()) > ONNX_TOLERANCE:
         raise EnvironmentProblem(f"the ONNX export disagrees with PyTorch beyond {ONNX_TOLERANCE}: {diffs}; "

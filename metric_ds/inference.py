@@ -7,6 +7,7 @@
     model.embed(["I lost my card"])                    # (N, D) float32, the SupCon embedding, unit norm
     bank = model.build_bank(texts, labels)             # a ReferenceSet; or model.bank_from_table(path)
     model.knn(["I lost my card"], bank, k=10)          # majority vote of the 10 nearest bank rows
+    model.predict(["what is the weather"], reject=True) # "unknown" below the calibrated threshold (open_set.json)
 
 Every call runs its texts through :func:`metric_ds.encode.encode` (tokenised once, batches of similar length,
 outputs in input order, a progress bar for large inputs) on ``device`` (a GPU when there is one), truncating at
@@ -43,6 +44,10 @@ from metric_ds.encode import encode, pick_device
 from metric_ds.errors import UserError
 from metric_ds.metrics import knn_search, knn_vote
 from metric_ds.model import MetricClassifier
+from metric_ds.open_set import OPEN_SET_FILE, SCORES, OpenSet
+from metric_ds.open_set import read as read_open_set
+from metric_ds.open_set import reject as reject_below
+from metric_ds.open_set import scores as open_set_scores
 from metric_ds.preflight import check_max_seq_length
 
 DEFAULT_BATCH_SIZE = 64
@@ -57,7 +62,9 @@ class Predictions:
     Shape:
         labels: N original labels (``str`` or ``int``, as in ``labels.json``); scores: (N,) the predicted
         label's probability; top_k_labels: N lists of k labels, best first; top_k_scores: (N, k);
-        probabilities: (N, C), columns in ``LoadedModel.labels`` order.
+        probabilities: (N, C), columns in ``LoadedModel.labels`` order. With ``reject=True``:
+        in_scope_scores: (N,) the open-set score (``score_name``); rejected: (N,) bool, the texts whose ``labels``
+        entry is the model's unknown label (their ``top_k_labels`` stay the classifier's).
     """
 
     labels: list[Any]
@@ -65,6 +72,9 @@ class Predictions:
     top_k_labels: list[list[Any]]
     top_k_scores: np.ndarray
     probabilities: np.ndarray
+    in_scope_scores: np.ndarray | None = None
+    rejected: np.ndarray | None = None
+    score_name: str | None = None
 
 
 @dataclass
@@ -164,7 +174,7 @@ class LoadedModel:
     # ------------------------------------------------------------------------------------------ forward
 
     def forward(self, texts: Any, batch_size: int | None = None, show_progress: bool | None = None,
-                bar: Any = None) -> dict[str, torch.Tensor]:
+                bar: Any = None, desc: str = "inference") -> dict[str, torch.Tensor]:
         """Run the model over ``texts`` (:func:`metric_ds.encode.encode`); outputs in input order, on the CPU, fp32.
 
         Args:
@@ -172,34 +182,76 @@ class LoadedModel:
             batch_size: texts per forward (default: the model's ``batch_size``).
             show_progress: a progress bar; ``None``: from :data:`metric_ds.encode.PROGRESS_MIN_ROWS` texts on.
             bar: an outer progress bar to advance instead (the CLI's, over a whole file).
+            desc: the progress bar's label.
 
         Returns:
             ``logits`` (N, C), ``h`` (N, Dh), ``z`` (N, Dz).
         """
         return encode(self.model, self.tokenizer, check_texts(texts), self.max_seq_length,
                       batch_size or self.batch_size, self.device, show_progress=show_progress, bar=bar,
-                      desc="inference")
+                      desc=desc)
 
     # ---------------------------------------------------------------------------------------------- api
 
+    @property
+    def open_set(self) -> OpenSet | None:
+        """The folder's open-set calibration (:mod:`metric_ds.open_set`), or ``None`` when it has none."""
+        if not hasattr(self, "_open_set"):
+            found = read_open_set(self.folder) if self.folder is not None else None
+            self._open_set = found.to(self.device) if found is not None else None  # moved once, not per call
+        return self._open_set
+
+    def require_open_set(self) -> OpenSet:
+        """:attr:`open_set`, or a :class:`UserError` saying how to calibrate the model."""
+        if self.open_set is None:
+            raise UserError(f"{self.folder}: the model is not calibrated for rejection (no {OPEN_SET_FILE}); run "
+                            f"metric-ds calibrate --model {self.folder} --data VALIDATION_TABLE")
+        return self.open_set
+
+    def in_scope_scores(self, texts: Any, which: Sequence[str] = SCORES, batch_size: int | None = None,
+                        show_progress: bool | None = None) -> dict[str, np.ndarray]:
+        """How in-scope each text looks, by score (:mod:`metric_ds.open_set`: ``msp``, ``knn``, ``centroid``;
+        higher is more in scope); (N,) float32 arrays."""
+        calibrated = self.require_open_set()
+        out = self.forward(texts, batch_size, show_progress)
+        found = open_set_scores(out["logits"], out["z"], calibrated.reference, calibrated.settings.knn_k,
+                                tuple(which), self.device)
+        return {k: v.numpy() for k, v in found.items()}
+
     def predict(self, texts: Any, top_k: int = 1, batch_size: int | None = None,
-                show_progress: bool | None = None, bar: Any = None) -> Predictions:
+                show_progress: bool | None = None, bar: Any = None, reject: bool = False,
+                score: str | None = None) -> Predictions:
         """Classify ``texts``.
 
         Args:
             texts: strings (a single string is one text).
             top_k: how many classes to list per text, best first (at most the number of classes).
             batch_size, show_progress, bar: see :meth:`forward`.
+            reject: answer the model's unknown label (``open_set.json``) for a text whose in-scope score is below
+                its calibrated threshold; the scores are in :attr:`Predictions.in_scope_scores`.
+            score: ``msp``, ``knn`` or ``centroid`` (with ``reject``); ``None``: the model's default.
         """
         if top_k < 1:
             raise UserError(f"top_k must be >= 1, got {top_k}")
-        probs = torch.softmax(self.forward(texts, batch_size, show_progress, bar)["logits"], dim=1)
+        if reject:
+            score, threshold = self.require_open_set().threshold(score)
+        out = self.forward(texts, batch_size, show_progress, bar)
+        probs = torch.softmax(out["logits"], dim=1)
         k = min(top_k, probs.shape[1])
         scores, ids = probs.topk(k, dim=1)
         names = self.label_map.names
         top_labels = [[names[i] for i in row] for row in ids.tolist()]
-        return Predictions(labels=[row[0] for row in top_labels], scores=scores[:, 0].numpy(),
-                           top_k_labels=top_labels, top_k_scores=scores.numpy(), probabilities=probs.numpy())
+        result = Predictions(labels=[row[0] for row in top_labels], scores=scores[:, 0].numpy(),
+                             top_k_labels=top_labels, top_k_scores=scores.numpy(), probabilities=probs.numpy())
+        if reject:
+            calibrated = self.open_set
+            values = open_set_scores(out["logits"], out["z"], calibrated.reference, calibrated.settings.knn_k,
+                                     (score,), self.device)[score].numpy()
+            result.rejected = reject_below(values, threshold)
+            result.in_scope_scores, result.score_name = values, score
+            unknown = calibrated.settings.unknown_label
+            result.labels = [unknown if r else label for label, r in zip(result.labels, result.rejected, strict=True)]
+        return result
 
     def embed(self, texts: Any, normalize: bool = True, which: str = "z", batch_size: int | None = None,
               show_progress: bool | None = None, bar: Any = None) -> np.ndarray:

@@ -39,6 +39,7 @@ from metric_ds import distributed as D
 from metric_ds import run_folder
 from metric_ds.bank import EmbeddingBank
 from metric_ds.best import BestKeeper
+from metric_ds.calibration import calibrate_best
 from metric_ds.checkpoint import UNIVERSAL_TAG, load_checkpoint, save_checkpoint
 from metric_ds.config import Config, save_config
 from metric_ds.console import add_train_arguments, apply_local_rank, config_from_args, run_guarded
@@ -362,6 +363,8 @@ class Trainer:
                 f"no best/ was written: {summary['best_metric']} was never computed on the validation split "
                 f"(checkpointing.save_best_by = {cfg.checkpointing.save_best_by}). The last weights are in the "
                 f"checkpoints of {self.run_dir}; pick a save_best_by that the validation rows can score")
+        if cfg.open_set.calibrate:
+            calibrate_best(self.run_dir / run_folder.BEST, self.data, cfg, self.device)
         if D.is_main():
             tqdm.write(
                 f"done: {st.global_step} steps in {wall:.1f}s ({summary['train_samples_per_s']:.1f} samples/s); "

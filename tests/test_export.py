@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import tmpfs
@@ -277,6 +278,25 @@ def test_readme_sentence_transformers_block(tmp_path, tiny_model_dir):
     np.testing.assert_allclose(ns["embeddings"], z.numpy(), atol=1e-5, rtol=0)
     torch.testing.assert_close(ns["logits"], logits, atol=1e-5, rtol=0)
     assert ns["predicted"] == [LABELS[i] for i in logits.argmax(-1).tolist()]
+
+
+@pytest.mark.slow
+def test_readme_onnx_reject_block(tmp_path, tiny_model_dir):
+    """The docs' numpy rejection over an ONNX export answers what ``predict(reject=True, score="centroid")`` does."""
+    import metric_ds
+    from metric_ds.calibration import calibrate_folder
+    from metric_ds.config import OpenSetConfig
+
+    best = make_export(tmp_path / "best", tiny_model_dir, "mean", 8)
+    rows = pd.DataFrame({"text": ["card lost", "refund please", "transfer money", "atm cash", "pin card"],
+                         "label": [LABELS[i % len(LABELS)] for i in range(5)]})
+    calibrate_folder(best, rows, rows, OpenSetConfig(reject_rate=0.3), device="cpu")
+    assert main(["export", str(best), "--format", "onnx", "--output", str(tmp_path / "onnx")]) == 0
+    assert (tmp_path / "onnx" / "reference.safetensors").is_file()  # the knn score's rows travel too
+    ns = run_block(readme_block("onnx-reject"), "onnx_dir", tmp_path / "onnx")
+    want = metric_ds.load(best, device="cpu").predict(ns["texts"], reject=True, score="centroid")
+    np.testing.assert_allclose(ns["score"], want.in_scope_scores, atol=1e-4, rtol=0)
+    assert ns["predicted"] == want.labels
 
 
 @pytest.mark.slow

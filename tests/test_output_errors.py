@@ -24,7 +24,7 @@ from metric_ds.errors import UserError, describe_io_error
 OUTPUT_FLAGS = ("--output", "--out")
 # commands without an output option, and why: train writes to the config's checkpointing.checkpoints_dir
 # (checked by the preflight), validate and env print only
-NO_OUTPUT = {"train", "validate", "env"}
+NO_OUTPUT = {"train", "validate", "env", "calibrate"}  # calibrate writes into --model: tests/test_open_set.py
 
 
 def _under(path: object, folder: Path) -> bool:

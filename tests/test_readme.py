@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 MARKER = re.compile(r"<!-- readme-test: ([\w-]+) -->")
 FENCED = re.compile(r"\s*```(\w+)\n(.*?)```", re.DOTALL)
 RUN_HERE = {"python", "bash"}
-RUN_BY_TEST_EXPORT = {"sentence-transformers", "onnx"}
+RUN_BY_TEST_EXPORT = {"sentence-transformers", "onnx", "onnx-reject"}
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
 
 
@@ -93,12 +94,16 @@ def test_relative_links_point_to_existing_files(doc):
 
 @pytest.fixture
 def workdir(tmp_path, tiny_run, monkeypatch):
-    """A working directory where the docs' paths exist: runs/example/best, data/train.parquet, new.csv."""
+    """A working directory where the docs' paths exist: runs/example/best (a copy: `calibrate` writes into it),
+    data/train.parquet, data/val.parquet, data/test.parquet (with out-of-scope rows), new.csv."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
-    (tmp_path / "runs" / "example").symlink_to(tiny_run)
+    shutil.copytree(tiny_run, tmp_path / "runs" / "example", ignore=shutil.ignore_patterns("checkpoints"))
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "train.parquet").symlink_to(tiny_run.parent.parent / "train.parquet")
+    make_frame(24, seed=2).to_parquet(tmp_path / "data" / "val.parquet")
+    pd.concat([make_frame(24, seed=3), make_frame(8, seed=4).assign(label="unknown")]).to_parquet(
+        tmp_path / "data" / "test.parquet")
     make_frame(12, seed=1)[["text"]].to_csv(tmp_path / "new.csv", index=False)
     return tmp_path
 
@@ -121,4 +126,7 @@ def test_cli_blocks_run(workdir, name, code):
         assert main(shlex.split(line)[1:]) == 0, f"{name}: {line}"
     predicted = pd.read_csv(workdir / "predicted.csv")
     assert {"text", "pred_label", "pred_score", "top3_label", "knn_label"} <= set(predicted.columns)
-    assert np.load(workdir / "vectors.npy").shape == (12, 16)
+    if "--reject" in code:
+        assert predicted["in_scope_score"].notna().all()
+    if "vectors.npy" in code:
+        assert np.load(workdir / "vectors.npy").shape == (12, 16)

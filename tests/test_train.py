@@ -106,6 +106,12 @@ def test_bf16_smoke(tmp_path, tiny_model_dir, tiny_table):
     _, summary = run(tmp_path, tiny_model_dir, tiny_table, training__mixed_precision="bf16", training__max_steps=2,
                      training__batch_size=4)
     assert summary["steps"] == 2
+    # its best/ holds a bf16 encoder beside fp32 heads: loading it gives one fp32 model (it raised a dtype mismatch)
+    import metric_ds
+
+    model = metric_ds.load(tmp_path / "runs" / "t" / "best", device="cpu")
+    assert {p.dtype for p in model.model.parameters()} == {torch.float32}
+    assert model.predict(["card lost"]).probabilities.shape == (1, model.label_map.num_classes)
 
 
 def test_fp16_without_gpu_is_a_clear_error(tmp_path, tiny_model_dir, tiny_table):

@@ -13,6 +13,7 @@ COMMANDS: dict[str, str] = {
     'prepare': "convert a CSV/Parquet/JSONL table into metric_ds's format",
     "evaluate": "evaluate an exported model on a prepared table",
     "export": "export a model for sentence-transformers (st) or ONNX Runtime (onnx)",
+    "calibrate": "choose a model's thresholds for rejecting out-of-scope texts (predict --reject)",
     "predict": "classify the texts of a table with a trained model",
     "embed": "embed the texts of a table with a trained model",
     "pseudo-label": "label unlabelled rows from clusters or neighbours of the labelled ones",

@@ -2,7 +2,9 @@
 
 Classification (accuracy, macro-F1, per-class F1, the most confused pairs) on rows with ``classifier_mask``;
 retrieval (Recall@K, k-NN accuracy and macro-F1) with the rows with ``metric_mask`` as queries against a bank
-built by embedding the model's training file (recorded in the export) or ``--bank-data``.
+built by embedding the model's training file (recorded in the export) or ``--bank-data``. With
+``--unknown-label L``, rows of L or of labels the model does not know are out of scope, and each calibrated
+in-scope score gets the open-intent metrics (:mod:`metric_ds.open_set`).
 """
 from __future__ import annotations
 
@@ -30,19 +32,54 @@ from metric_ds.data.validation import validate_frame
 from metric_ds.encode import encode, pick_device
 from metric_ds.errors import UserError
 from metric_ds.metrics import accuracy, confusion_pairs, macro_f1, per_class_f1, retrieval_metrics
+from metric_ds.open_set import OPEN_SET_FILE, SCORES, open_set_metrics, scores
+from metric_ds.open_set import read as read_open_set
 from metric_ds.outputs import write_output_text
 from metric_ds.preflight import check_max_seq_length
 
 EVAL_BATCH_SIZE = 128  # texts per forward pass; evaluation keeps no gradients, so this fits
 
 
-def _encode(df: Any, label_map: LabelMap, source: str) -> Any:
+def _encode(df: Any, label_map: LabelMap, source: str, unknown_label: Any = None) -> Any:
+    """The table with ``label_id``; with ``unknown_label``, rows of other labels (or of that one) get the id C,
+    "unknown", instead of an error."""
+    df = df.copy()
+    if unknown_label is not None:
+        known = np.array([v in label_map and v != unknown_label for v in df["label"].tolist()], dtype=bool)
+        df["label_id"] = label_map.num_classes
+        df.loc[known, "label_id"] = label_map.encode(df["label"][known])
+        return df
     unseen = unseen_labels(df["label"].unique(), label_map, f"{source}: labels unknown to the model")
     if unseen:
-        raise UserError(f"{unseen}. Evaluate on data with the model's classes (see labels.json in the model folder)")
-    df = df.copy()
+        raise UserError(f"{unseen}. Evaluate on data with the model's classes (see labels.json in the model folder), "
+                        "or name the out-of-scope rows with --unknown-label")
     df["label_id"] = label_map.encode(df["label"])
     return df
+
+
+def open_set_results(folder: Path, out: dict[str, torch.Tensor], rows: torch.Tensor, num_classes: int,
+                     unknown_label: Any, device: torch.device) -> dict[str, Any]:
+    """The open-intent metrics of each calibrated score (:func:`metric_ds.open_set.open_set_metrics`) on ``rows``
+    of ``out`` (:func:`embed_table`'s), where label C is "unknown"."""
+    calibrated = read_open_set(folder)
+    if calibrated is None:
+        raise UserError(f"{folder}: --unknown-label scores rejection, but the model is not calibrated (no "
+                        f"{OPEN_SET_FILE}); run metric-ds calibrate --model {folder} --data VALIDATION_TABLE first")
+    labels, logits, z = out["labels"][rows].cpu(), out["logits"][rows], out["z"][rows]
+    known = labels < num_classes
+    closed = logits.argmax(1).cpu()
+    found: dict[str, Any] = {
+        "unknown_label": unknown_label, "known_rows": int(known.sum()), "unknown_rows": int((~known).sum()),
+        "default_score": calibrated.settings.score,
+        "closed_accuracy_known": float(accuracy(labels[known], closed[known])) if known.any() else None,
+        "scores": {}}
+    usable = [s for s in SCORES if s in calibrated.settings.thresholds and
+              (s == "msp" or (calibrated.reference is not None and (s != "knn" or len(calibrated.reference.z))))]
+    values = scores(logits, z, calibrated.reference, calibrated.settings.knn_k, tuple(usable), device)
+    for name, v in values.items():
+        found["scores"][name] = open_set_metrics(v.numpy(), closed.numpy(), labels.numpy(), num_classes,
+                                                 calibrated.settings.thresholds[name])
+    return found
 
 
 def embed_table(model: torch.nn.Module, tokenizer: Any, df: Any, max_seq_length: int, batch_size: int,
@@ -68,9 +105,14 @@ def embed_table(model: torch.nn.Module, tokenizer: Any, df: Any, max_seq_length:
 def evaluate(model_dir: str | Path, data: str | Path, bank_data: str | Path | None = None,
              batch_size: int = EVAL_BATCH_SIZE, max_seq_length: int | None = None,
              recall_at_k: Sequence[int] | None = None, knn_k: int | None = None, distance: str | None = None,
-             device: str | torch.device | None = None, length_sorted: bool = True) -> dict[str, Any]:
+             device: str | torch.device | None = None, length_sorted: bool = True,
+             unknown_label: Any = None) -> dict[str, Any]:
     """Evaluate an export on a table (on ``device``, default the GPU when there is one); returns the JSON-able
-    results. ``recall_at_k``, ``knn_k`` and ``distance`` default to ``metric_validation``'s, as in training."""
+    results. ``recall_at_k``, ``knn_k`` and ``distance`` default to ``metric_validation``'s, as in training.
+
+    With ``unknown_label``, rows whose label is not one of the model's classes (or is ``unknown_label``) are
+    out of scope: the closed-set metrics count the known rows only, and ``open_set`` holds each calibrated score's
+    open-intent metrics over N + 1 classes (:func:`open_set_results`)."""
     recall_at_k = schema_default("metric_validation.recall_at_k") if recall_at_k is None else recall_at_k
     knn_k = schema_default("metric_validation.knn_k") if knn_k is None else knn_k
     distance = schema_default("metric_validation.distance") if distance is None else distance
@@ -86,12 +128,16 @@ def evaluate(model_dir: str | Path, data: str | Path, bank_data: str | Path | No
         max_seq_length = read_max_seq_length(model_dir)
     else:
         check_max_seq_length(max_seq_length, model.encoder.config, "--max-seq-length", str(model_dir))
-    df = _encode(validate_frame(read_table(data), str(data)), label_map, str(data))
+    df = _encode(validate_frame(read_table(data), str(data)), label_map, str(data), unknown_label)
     out = embed_table(model, tokenizer, df, max_seq_length, batch_size, device, length_sorted)
     names = label_map.names
     # absolute paths: the JSON is read later from other working directories (the report, the study)
     results: dict[str, Any] = {"model": str(model_dir.resolve()), "data": str(Path(data).resolve()), "rows": len(df)}
-    cm = out["classifier_mask"].bool()
+    known = out["labels"] < len(names)
+    if unknown_label is not None:
+        results["open_set"] = open_set_results(model_dir, out, out["classifier_mask"].bool(), len(names),
+                                               unknown_label, device)
+    cm = out["classifier_mask"].bool() & known
     if cm.any():
         y, p = out["labels"][cm], out["logits"][cm].argmax(1)
         results["accuracy"] = float(accuracy(y, p))
@@ -106,7 +152,7 @@ def evaluate(model_dir: str | Path, data: str | Path, bank_data: str | Path | No
             warnings.warn(f"retrieval metrics skipped: the model's training file {bank_data} is gone; pass "
                           "--bank-data to build the bank from another table", stacklevel=2)
             bank_data = None
-    mm = out["metric_mask"].bool()
+    mm = out["metric_mask"].bool() & known
     if bank_data is not None and Path(bank_data).is_file() and mm.any():
         bank_df = _encode(validate_frame(read_table(bank_data), str(bank_data)), label_map, str(bank_data))
         bank_out = embed_table(model, tokenizer, bank_df, max_seq_length, batch_size, device, length_sorted)
@@ -124,6 +170,14 @@ def format_results(results: dict[str, Any]) -> str:
         rows += [("accuracy", f"{100 * results['accuracy']:.2f}%"), ("macro-F1", f"{100 * results['macro_f1']:.2f}")]
     for key, value in results.get("retrieval", {}).items():
         rows.append((key, f"{100 * value:.2f}"))
+    open_set = results.get("open_set")
+    if open_set:
+        rows.append(("open set", f"{open_set['known_rows']} known, {open_set['unknown_rows']} unknown rows"))
+        for name, m in open_set["scores"].items():
+            auroc = f", AUROC {100 * m['auroc']:.2f}, FPR@95TPR {100 * m['fpr_at_95_tpr']:.2f}" if "auroc" in m else ""
+            rows.append((f"  {name}", f"acc {100 * m['accuracy']:.2f}, macro-F1 {100 * m['macro_f1']:.2f}, "
+                                      f"F1 known {100 * m['f1_known']:.2f}, F1 unknown {100 * m['f1_unknown']:.2f}"
+                                      f"{auroc}"))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     if results.get("confusion_pairs"):
@@ -133,8 +187,13 @@ def format_results(results: dict[str, Any]) -> str:
 
 
 def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
+    unknown = None
+    if args.unknown_label is not None:
+        from metric_ds.commands.calibrate import parse_label
+
+        unknown = parse_label(args.unknown_label, read_labels(resolve_model_folder(args.model)).names)
     results = evaluate(args.model, args.data, args.bank_data, args.batch_size, args.max_seq_length,
-                       args.recall_at_k, args.knn_k, args.distance, args.device)
+                       args.recall_at_k, args.knn_k, args.distance, args.device, unknown_label=unknown)
     output = Path(args.output) if args.output else \
         resolve_model_folder(args.model) / "eval" / f"{Path(args.data).stem}.json"
     write_output_text(output, json.dumps(results, indent=2), what="--output " if args.output else "")
@@ -162,6 +221,9 @@ def register(sp: argparse.ArgumentParser) -> None:
     add_field_argument(sp, "--knn-k", schema_field("metric_validation.knn_k"))
     add_field_argument(sp, "--distance", schema_field("metric_validation.distance"))
     sp.add_argument("--device", default=None, help="cuda, cpu... (default: the GPU when there is one)")
+    sp.add_argument("--unknown-label", default=None, metavar="L",
+                    help="score rejection: rows labelled L, or with a label the model does not know, are out of "
+                         "scope (needs a calibrated model: metric-ds calibrate)")
     sp.set_defaults(fn=run)
 
 

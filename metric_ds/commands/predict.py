@@ -23,6 +23,7 @@ from metric_ds.data.io import table_format
 from metric_ds.data.stream import NpyWriter, TableWriter, iter_chunks, output_format, scan_table
 from metric_ds.errors import UserError, format_rows
 from metric_ds.inference import LoadedModel, load
+from metric_ds.open_set import SCORES
 from metric_ds.outputs import atomic_output
 from metric_ds.progress import progress_bar
 
@@ -89,7 +90,8 @@ def _fill(values: Any, ok: np.ndarray, dtype: Any) -> pd.Series:
 
 def predict_command(args: argparse.Namespace) -> None:
     """``metric-ds predict``: add ``pred_label``, ``pred_score`` (and ``topI_label``/``topI_score`` for
-    ``--top-k K > 1``, ``knn_label``/``knn_score`` with ``--bank-data``) to every row of a table."""
+    ``--top-k K > 1``, ``knn_label``/``knn_score`` with ``--bank-data``, ``in_scope_score`` with ``--reject``, where
+    ``pred_label`` is the model's unknown label for a text below the threshold) to every row of a table."""
     if args.top_k < 1 or args.knn_k < 1:
         raise UserError(f"--top-k and --knn-k must be >= 1, got {args.top_k} and {args.knn_k}")
     job = prepare_job(args, ("parquet", "csv", "jsonl"))
@@ -98,14 +100,23 @@ def predict_command(args: argparse.Namespace) -> None:
     bank = model.bank_from_table(args.bank_data) if args.bank_data else None
     if bank is not None:
         knn_dtype = "Int64" if bank.label_map.to_json()["type"] == "int" else pd.StringDtype()
+    if args.reject:
+        model.require_open_set().threshold(args.score)  # calibrated, with that score: before any work
+        unknown = model.open_set.settings.unknown_label
+        if isinstance(unknown, str) and label_dtype == "Int64":
+            label_dtype = pd.StringDtype()  # int labels and a text unknown label: the column holds text
+    elif args.score is not None:
+        raise UserError("--score chooses the score of --reject; add --reject")
     k = min(args.top_k, model.label_map.num_classes)
     with atomic_output(job.output, what="--output ") as tmp, TableWriter(tmp, job.out_format) as writer, \
             progress_bar(job.rows, "predict", unit="rows") as bar:
         for chunk, ok, texts in job.chunks():
             new: dict[str, pd.Series] = {}
-            pred = model.predict(texts, top_k=k, bar=bar)
+            pred = model.predict(texts, top_k=k, bar=bar, reject=args.reject, score=args.score)
             new["pred_label"] = _fill(pred.labels, ok, label_dtype)
             new["pred_score"] = _fill(pred.scores, ok, "Float64")
+            if args.reject:
+                new["in_scope_score"] = _fill(pred.in_scope_scores, ok, "Float64")
             if args.top_k > 1:
                 for i in range(k):
                     new[f"top{i + 1}_label"] = _fill([row[i] for row in pred.top_k_labels], ok, label_dtype)
@@ -170,7 +181,12 @@ def register(sp: argparse.ArgumentParser) -> None:
 
     add_inference_arguments(sp, ".parquet, .csv or .jsonl")
     sp.add_argument("--top-k", type=int, default=1, help="also write the K best labels and their probabilities")
-    sp.add_argument("--bank-data", default=None, help="labelled table (text, label): add knn_label, a k-NN vote")
+    sp.add_argument("--bank-data", default=None, help="labelled table (text, label): add knn_label, a k-NN vote "
+                    "(new classes too: add a few labelled rows of a class the model never saw)")
+    sp.add_argument("--reject", action="store_true", help="answer the unknown label (open_set.json) for texts whose "
+                    "in-scope score is below the calibrated threshold, and add in_scope_score")
+    sp.add_argument("--score", default=None, choices=list(SCORES),
+                    help="the in-scope score of --reject (default: the model's, in open_set.json)")
     add_field_argument(sp, "--knn-k", schema_field("metric_validation.knn_k"))
     add_field_argument(sp, "--distance", schema_field("metric_validation.distance"))
     sp.set_defaults(fn=run)
