@@ -192,7 +192,8 @@ class Trainer:
         self._resume = plan_resume(cfg, self.run_dir, self.data_fingerprint, self.micro_per_epoch)
         self._build_engine(model)
         self.loss_fn = JointLoss(t.classification_loss_weight, t.metric_loss_weight, t.supcon_temperature,
-                                 t.supcon_impl, t.supcon_scope, num_classes=self.label_map.num_classes)
+                                 t.supcon_impl, t.supcon_scope, num_classes=self.label_map.num_classes,
+                                 label_free_weight=t.label_free_weight)
         self.step = make_step(self.engine, self.loss_fn, cfg)
         self.bank = _build_bank(cfg, model, self.device)
         self.best = BestKeeper(cfg, self.run_dir, self.engine, self.tokenizer, self.label_map)

@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-
 # The label_id of a label-free row: no class. Never a valid class id, so CE or a class count that met it would fail.
 LABEL_FREE = -1
 
