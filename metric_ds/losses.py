@@ -344,7 +344,7 @@ class TermWindow:
 
     def reset(self) -> None:
         self.shares: torch.Tensor | None = None
-        self.calls = self.micro = self.rows = self.ce_rows = self.metric_rows = 0
+        self.calls = self.micro = self.rows = self.ce_rows = self.metric_rows = self.contrast_rows = 0
 
     def add(self, terms: LossTerms, micro_batches: int = 1) -> None:
         """Add the terms of one loss evaluation, which covered ``micro_batches`` micro-batches (more than one
@@ -354,21 +354,23 @@ class TermWindow:
         self.micro += micro_batches
         self.rows += terms.counts.rows
         self.ce_rows += terms.counts.ce_rows
-        self.metric_rows += terms.counts.contrast_rows
+        self.metric_rows += terms.counts.metric_rows + terms.counts.free_rows
+        self.contrast_rows += terms.counts.contrast_rows
 
     def read(self) -> dict[str, float]:
         """Means per loss evaluation of the global terms (a collective with W > 1: every rank calls it).
-        ``metric_rows`` is the contrastive batch: the rows of one SupCon evaluation."""
+        ``contrastive_batch`` is the rows of one SupCon evaluation: the metric rows, and the second views of the
+        label-free ones, which are anchors too."""
         if self.shares is None:
             return {}
         ce, supcon, with_pos, pos_sum = D.all_reduce_sum(self.shares.double()).tolist()
-        n, m = self.calls, self.metric_rows
+        n, m = self.calls, self.contrast_rows
         return {
             "total": (self.ce_weight * ce + self.metric_weight * supcon) / n,
             "ce": ce / n,
             "supcon": supcon / n,
             "ce_rows": self.ce_rows / n,
-            "metric_rows": m / n,
+            "metric_rows": self.metric_rows / n,
             "contrastive_batch": m / n,
             "anchor_pos_frac": with_pos / m if m else 0.0,
             "mean_pos_per_anchor": pos_sum / m if m else 0.0,

@@ -56,6 +56,7 @@ from metric_ds.progress import progress_bar
 from metric_ds.resume import plan_resume
 from metric_ds.steps import StepOutput, make_step
 from metric_ds.tracking import build_trackers
+from metric_ds.views import check_views_supported
 
 
 @dataclass
@@ -188,6 +189,7 @@ class Trainer:
         model = MetricClassifier(encoder, self.label_map.num_classes, cfg.model.pooling,
                                  cfg.model.projection_dim, cfg.model.classifier_dropout)
         D.init_process_group()
+        check_views_supported(self.data.train, cfg.deepspeed.zero_stage, D.world_size())
         self._build_data()
         self._resume = plan_resume(cfg, self.run_dir, self.data_fingerprint, self.micro_per_epoch)
         self._build_engine(model)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import pandas as pd
 import torch
 
 from metric_ds.data.labels import LABEL_FREE
+from metric_ds.errors import UserError
 from metric_ds.model import MODEL_INPUTS
 
 Batch = dict[str, torch.Tensor]
@@ -35,3 +37,22 @@ def forward_view(engine: Any, view: Batch | None) -> torch.Tensor | None:
     """``z`` of a second forward of the view's rows (in the engine's current mode: train, so dropout is drawn
     afresh), or None without a view."""
     return None if view is None else engine(**view).z
+
+
+def check_views_supported(train: pd.DataFrame, zero_stage: int, world_size: int) -> None:
+    """Refuse label-free rows where the second view cannot run: under ZeRO-3 every forward gathers the parameters
+    with every rank, and a rank whose micro-batch has no label-free row makes no second forward.
+
+    Args:
+        train: the training split (``label_id`` :data:`~metric_ds.data.labels.LABEL_FREE` marks label-free rows).
+        zero_stage, world_size: ``deepspeed.zero_stage`` and the number of processes.
+
+    Raises:
+        UserError: naming the keys and the fixes.
+    """
+    label_free_rows = int((train["label_id"] == LABEL_FREE).sum())
+    if label_free_rows and zero_stage == 3 and world_size > 1:
+        raise UserError(f"the training data hold {label_free_rows} label-free row(s) (null label), whose second view "
+                        f"is a forward of each rank's label-free rows only, and deepspeed.zero_stage is 3 on "
+                        f"{world_size} processes, where every forward must be made by every rank: set "
+                        "deepspeed.zero_stage to 0, 1 or 2, train on one process, or give those rows labels")

@@ -3,6 +3,7 @@
 plain PyTorch SimCSE + SupCon written here from the definition (not the project's reference), for both impls."""
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -109,3 +110,15 @@ def test_label_free_rows_need_their_views_and_num_classes():
         JointLoss(num_classes=3)(logits, z, labels, classifier, metric)
     with pytest.raises(ValueError, match="needs num_classes"):
         JointLoss()(logits, z, labels, classifier, metric, z_view=F.normalize(x_view, dim=-1))
+
+
+def test_zero3_on_several_processes_is_refused_with_label_free_rows_only():
+    from metric_ds.errors import UserError
+    from metric_ds.views import check_views_supported
+
+    train = pd.DataFrame({"label_id": [0, 1, LABEL_FREE]})
+    with pytest.raises(UserError, match="1 label-free row.*deepspeed.zero_stage is 3 on 2 processes"):
+        check_views_supported(train, 3, 2)
+    check_views_supported(train, 3, 1)
+    check_views_supported(train, 2, 2)
+    check_views_supported(train.iloc[:2], 3, 2)
