@@ -19,14 +19,16 @@ def label_free_table(tmp_path) -> Path:
 @pytest.mark.parametrize("mode", ["micro", "accumulated"])
 def test_resume_with_label_free_rows_equals_the_uninterrupted_run(tmp_path, tiny_model_dir, label_free_table, mode):
     """The views' dropout draws come from the RNG streams the checkpoint restores."""
-    common = dict(training__max_steps=6, training__num_epochs=3, checkpointing__save_every_n_batches=3,
-                  checkpointing__keep_last_n_checkpoints=5, training__contrastive_batch=mode,
-                  training__gradient_accumulation_steps=2, training__label_free_weight=0.7)
+    common = {"training__max_steps": 6, "training__num_epochs": 3, "checkpointing__save_every_n_batches": 3,
+              "checkpointing__keep_last_n_checkpoints": 5, "training__contrastive_batch": mode,
+              "training__gradient_accumulation_steps": 2, "training__label_free_weight": 0.7}
     full, _ = run(tmp_path / "a", tiny_model_dir, label_free_table, **common)
     resumed, summary = run(tmp_path / "b", tiny_model_dir, label_free_table,
                            training__resume_from=str(full.run_dir / "checkpoints" / "step-3"), **common)
     assert summary["steps"] == 6
-    strip = lambda r: {k: v for k, v in r.items() if "samples_per_s" not in k and "step_time" not in k}  # noqa: E731
+    def strip(r: dict) -> dict:
+        return {k: v for k, v in r.items() if "samples_per_s" not in k and "step_time" not in k}
+
     assert [strip(r) for r in records(resumed.run_dir)] == [strip(r) for r in records(full.run_dir) if r["step"] > 3]
     expected = weights(full)
     for name, tensor in weights(resumed).items():
