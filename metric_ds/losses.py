@@ -210,8 +210,7 @@ class JointLoss(nn.Module):
         label_free_weight: float = 1.0,
     ):
         super().__init__()
-        self.ce_weight = classification_loss_weight
-        self.metric_weight = metric_loss_weight
+        self.ce_weight, self.metric_weight = classification_loss_weight, metric_loss_weight
         self.temperature = temperature
         self.supcon_impl = supcon_impl
         self.supcon_scope = supcon_scope

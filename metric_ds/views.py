@@ -3,7 +3,8 @@
 A label-free row (``labels`` = :data:`~metric_ds.data.labels.LABEL_FREE`, ``metric_mask = 1``) is a SupCon class of
 its own whose positive is this view (:mod:`metric_ds.losses`). The view's inputs are cut from the collated batch on
 the CPU, before it moves (finding the rows on a device tensor would make the host wait), and padded only to the
-longest label-free row. The cost is one more forward of those rows only; a batch without them costs nothing.
+longest label-free row. The cost is one more forward of those rows only, and the backward through it; a batch
+without them costs nothing (`benchmarks/bench_label_free.py`).
 """
 from __future__ import annotations
 
