@@ -197,6 +197,10 @@ class TrainingConfig(_Section):
         1.0, ge=0, description="Weight of the cross-entropy term (rows with classifier_mask = 1).")
     metric_loss_weight: float = Field(1.0, ge=0,
                                       description="Weight of the SupCon term (rows with metric_mask = 1).")
+    label_free_weight: float = Field(
+        1.0, ge=0, description="Weight of a label-free row's SupCon anchor (null label, metric_mask 1, classifier_mask "
+                               "0; its positive is a second view of itself) relative to a labelled anchor, inside "
+                               "the one SupCon mean; to be chosen on validation. Unused without label-free rows.")
     supcon_impl: Literal["auto", "fused", "reference"] = Field(
         "auto", description="auto: the fused op when it is built, else the reference with a warning; fused: the op "
                             "or an error saying why not; reference: plain PyTorch.")

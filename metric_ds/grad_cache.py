@@ -4,10 +4,12 @@ of one micro-batch (gradient caching, as in GradCache, Gao et al. 2021, extended
 One accumulation window of micro-batches (on every rank, with ``supcon_scope: global``) takes three passes:
 
 1. a forward of each micro-batch without gradients, keeping only ``z``, the logits and ``h`` (the RNG state
-   before each forward is saved);
+   before each forward is saved), and of the second view of its label-free rows, keeping ``z``
+   (:mod:`metric_ds.views`);
 2. the joint loss over the whole window's rows, and its gradients with respect to the cached ``z`` and logits;
-3. a second forward of each micro-batch, with its RNG state restored so that dropout draws the same masks, and a
-   backward of ``<z, dL/dz> + <logits, dL/dlogits>``, which gives each parameter exactly its share of dL/dθ.
+3. a second forward of each micro-batch (and of its view: the RNG draws follow in the same order), with its RNG
+   state restored so that dropout draws the same masks, and a backward of ``<z, dL/dz> + <logits, dL/dlogits>``
+   (``+ <z_view, dL/dz_view>``), which gives each parameter exactly its share of dL/dθ.
 
 The sum over micro-batches is the gradient of one micro-batch holding every row of the window: exact in fp32 up to
 summation order (the same forward is computed twice, deterministically on CPU). Under bf16/fp16 the cached
@@ -25,6 +27,7 @@ import torch
 
 from metric_ds.losses import JointLoss, LossTerms, RowIndex
 from metric_ds.model import model_inputs
+from metric_ds.views import forward_view
 
 
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -47,7 +50,8 @@ class WindowResult:
 
 
 def accumulated_step(engine: Any, loss_fn: JointLoss, batches: list[dict[str, torch.Tensor]],
-                     before_step: Any = None, rows: RowIndex | None = None) -> WindowResult:
+                     before_step: Any = None, rows: RowIndex | None = None,
+                     views: list[dict[str, torch.Tensor] | None] | None = None) -> WindowResult:
     """Train one window of micro-batches with the contrastive batch spanning all of them (see the module).
 
     Args:
@@ -58,26 +62,34 @@ def accumulated_step(engine: Any, loss_fn: JointLoss, batches: list[dict[str, to
             reads the pre-clipping gradient norm there).
         rows: the row indices of the window's concatenated masks, found on the CPU (see
             :class:`~metric_ds.losses.RowIndex`); ``None``: found from the device masks (a host sync on a GPU).
+        views: each micro-batch's second view of its label-free rows (:func:`metric_ds.views.view_inputs`), None
+            for a micro-batch without them; ``None``: no micro-batch has label-free rows.
 
     Returns:
         The window's loss terms and the ``h`` of its rows.
     """
     device = engine.device
-    states, zs, logits, hs = [], [], [], []
+    views = views or [None] * len(batches)
+    states, zs, logits, hs, z_views = [], [], [], [], []
     with torch.no_grad():
-        for batch in batches:
+        for batch, view in zip(batches, views):
             states.append(_rng_state(device))
             out = engine(**model_inputs(batch))
             zs.append(out.z)
             logits.append(out.logits.float())
             hs.append(out.h)
+            if view is not None:
+                z_views.append(forward_view(engine, view))
     z = torch.cat(zs).requires_grad_()
     logit = torch.cat(logits).requires_grad_()
+    z_view = torch.cat(z_views).requires_grad_() if z_views else None
     cat = {k: torch.cat([b[k] for b in batches]) for k in ("labels", "classifier_mask", "metric_mask")}
-    terms = loss_fn(logit, z, cat["labels"], cat["classifier_mask"], cat["metric_mask"], rows)
-    grad_z, grad_logits = torch.autograd.grad(terms.backward_loss, [z, logit], allow_unused=True,
-                                              materialize_grads=True)
+    terms = loss_fn(logit, z, cat["labels"], cat["classifier_mask"], cat["metric_mask"], rows, z_view=z_view)
+    wrt = [z, logit] + ([z_view] if z_view is not None else [])
+    grad_z, grad_logits, *grad_view = torch.autograd.grad(terms.backward_loss, wrt, allow_unused=True,
+                                                          materialize_grads=True)
     sizes = [b["labels"].shape[0] for b in batches]
+    view_grads = iter(grad_view[0].split([v.shape[0] for v in z_views]) if grad_view else [])
     end_state = _rng_state(device)
     for i, (batch, gz, gl) in enumerate(zip(batches, grad_z.split(sizes), grad_logits.split(sizes))):
         last = i == len(batches) - 1
@@ -85,6 +97,8 @@ def accumulated_step(engine: Any, loss_fn: JointLoss, batches: list[dict[str, to
         _set_rng_state(states[i], device)
         out = engine(**model_inputs(batch))
         surrogate = (out.z * gz).sum() + (out.logits.float() * gl).sum()
+        if views[i] is not None:
+            surrogate = surrogate + (forward_view(engine, views[i]) * next(view_grads)).sum()
         # The cached gradients are already those of the window's loss (scaled for the ranks): no 1/GA here.
         engine.backward(surrogate, scale_wrt_gas=False)
         if last and before_step is not None:

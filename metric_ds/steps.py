@@ -22,6 +22,7 @@ from metric_ds.config import Config
 from metric_ds.grad_cache import accumulated_step
 from metric_ds.losses import JointLoss, LossTerms, RowIndex
 from metric_ds.model import model_inputs
+from metric_ds.views import forward_view, view_inputs
 
 Batch = dict[str, torch.Tensor]
 
@@ -52,9 +53,9 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 def rows_and_batch(batches: list[Batch], device: torch.device) -> tuple[RowIndex, list[Batch]]:
-    """The row indices of the CPU ``batches``' masks (concatenated, in order), found before the batches move, and
-    the indices and batches on ``device``."""
-    masks = [torch.cat([b[k] for b in batches]) for k in ("classifier_mask", "metric_mask")]
+    """The row indices of the CPU ``batches``' masks and labels (concatenated, in order), found before the batches
+    move, and the indices and batches on ``device``."""
+    masks = [torch.cat([b[k] for b in batches]) for k in ("classifier_mask", "metric_mask", "labels")]
     return RowIndex.from_masks(*masks).to(device), [to_device(b, device) for b in batches]
 
 
@@ -86,10 +87,11 @@ class MicroBatchStep:
         steps); ``will_log``: the step is logged (the gradient norm is taken)."""
         engine = self.engine
         engine.set_gradient_accumulation_boundary(boundary)
+        view = view_inputs(batch, engine.device)
         rows, (batch,) = rows_and_batch([batch], engine.device)
         out = engine(**model_inputs(batch))
         terms = self.loss_fn(out.logits, out.z, batch["labels"], batch["classifier_mask"], batch["metric_mask"],
-                             rows)
+                             rows, z_view=forward_view(engine, view))
         # DeepSpeed divides by gradient_accumulation_steps; a shorter last window is a mean over its own micro-batches.
         scale = self.cfg.training.gradient_accumulation_steps / window_len
         engine.backward(terms.backward_loss * scale if scale != 1 else terms.backward_loss)
@@ -125,8 +127,9 @@ class AccumulatedStep:
         if on_cuda and will_log:
             base = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
+        views = [view_inputs(b, device) for b in batches]
         rows, on_device = rows_and_batch(batches, device)
-        result = accumulated_step(self.engine, self.loss_fn, on_device, before_step, rows)
+        result = accumulated_step(self.engine, self.loss_fn, on_device, before_step, rows, views)
         if on_cuda and will_log:  # the activations of one micro-batch; a micro-batch of all rows needs ~len x that
             peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
             memory = {"train/activation_peak_mb": peak, "train/memory_saved_mb_est": peak * (len(batches) - 1)}

@@ -57,6 +57,7 @@ from metric_ds.progress import progress_bar
 from metric_ds.resume import plan_resume
 from metric_ds.steps import StepOutput, make_step
 from metric_ds.tracking import build_trackers
+from metric_ds.views import check_views_supported
 
 
 @dataclass
@@ -189,11 +190,13 @@ class Trainer:
         model = MetricClassifier(encoder, self.label_map.num_classes, cfg.model.pooling,
                                  cfg.model.projection_dim, cfg.model.classifier_dropout)
         D.init_process_group()
+        check_views_supported(self.data.train, cfg.deepspeed.zero_stage, D.world_size())
         self._build_data()
         self._resume = plan_resume(cfg, self.run_dir, self.data_fingerprint, self.micro_per_epoch)
         self._build_engine(model)
         self.loss_fn = JointLoss(t.classification_loss_weight, t.metric_loss_weight, t.supcon_temperature,
-                                 t.supcon_impl, t.supcon_scope, num_classes=self.label_map.num_classes)
+                                 t.supcon_impl, t.supcon_scope, num_classes=self.label_map.num_classes,
+                                 label_free_weight=t.label_free_weight)
         self.step = make_step(self.engine, self.loss_fn, cfg)
         self.bank = _build_bank(cfg, model, self.device)
         self.best = BestKeeper(cfg, self.run_dir, self.engine, self.tokenizer, self.label_map)

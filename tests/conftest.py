@@ -65,6 +65,16 @@ def make_frame(n: int = 96, num_classes: int = 4, seed: int = 0) -> pd.DataFrame
                          "metric_mask": 1, "classifier_mask": 1})
 
 
+def make_label_free_frame(n: int = 96, num_classes: int = 4, seed: int = 0, every: int = 3) -> pd.DataFrame:
+    """:func:`make_frame` with every ``every``-th row label-free (null label, metric_mask 1, classifier_mask 0)."""
+    df = make_frame(n, num_classes, seed)
+    free = df.index % every == 1
+    df["label"] = df["label"].astype(object)
+    df.loc[free, "label"] = None
+    df.loc[free, "classifier_mask"] = 0
+    return df
+
+
 @pytest.fixture
 def tiny_table(tmp_path) -> Path:
     path = tmp_path / "train.parquet"

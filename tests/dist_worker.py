@@ -20,9 +20,11 @@ from metric_ds.config import validate_config  # noqa: E402
 from metric_ds.ds_config import build_ds_config  # noqa: E402
 from metric_ds.losses import JointLoss, TermWindow  # noqa: E402
 from metric_ds.model import MetricClassifier  # noqa: E402
+from metric_ds.views import forward_view, view_inputs  # noqa: E402
 
 
-def global_batch(n: int, seed: int = 0, no_metric_rows_before: int = 0) -> dict[str, torch.Tensor]:
+def global_batch(n: int, seed: int = 0, no_metric_rows_before: int = 0,
+                 label_free_from: int | None = None) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1000, 2000, (n, 10), generator=g)
     ids[:, 0] = 101
@@ -30,6 +32,9 @@ def global_batch(n: int, seed: int = 0, no_metric_rows_before: int = 0) -> dict[
     metric = torch.rand(n, generator=g) < 0.8
     metric[:no_metric_rows_before] = False
     classifier = torch.rand(n, generator=g) < 0.7
+    if label_free_from is not None:  # every third row from there on is label-free (SupCon with its second view)
+        free = (torch.arange(n) % 3 == 1) & (torch.arange(n) >= label_free_from)
+        labels[free], metric[free], classifier[free] = -1, True, False
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
             "metric_mask": metric, "classifier_mask": classifier}
 
@@ -43,6 +48,8 @@ def main() -> None:
     p.add_argument("--sizes", default="6,6", help="rows per rank when W=2 (the global batch is their sum)")
     p.add_argument("--no-metric-rank0", action="store_true", help="rank 0's rows have no metric_mask")
     p.add_argument("--scope", default="global")
+    p.add_argument("--label-free-from", type=int, default=None,
+                   help="make every third row from this global row on label-free")
     args = p.parse_args()
 
     import deepspeed
@@ -52,7 +59,8 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     n = sum(sizes)
     w, r = D.world_size(), D.rank()
-    batch = global_batch(n, no_metric_rows_before=sizes[0] if args.no_metric_rank0 else 0)
+    batch = global_batch(n, no_metric_rows_before=sizes[0] if args.no_metric_rank0 else 0,
+                         label_free_from=args.label_free_from)
     if w > 1:
         assert w == len(sizes)
         start = sum(sizes[:r])
@@ -75,9 +83,13 @@ def main() -> None:
     ds_config["zero_allow_untested_optimizer"] = True
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
                                       config=ds_config)
-    loss_fn = JointLoss(1.0, 1.0, 0.1, args.impl, args.scope)
+    label_free = args.label_free_from is not None
+    loss_fn = JointLoss(1.0, 1.0, 0.1, args.impl, args.scope, num_classes=3 if label_free else None,
+                        label_free_weight=0.5)
+    view = view_inputs(batch, engine.device) if label_free else None
     out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    terms = loss_fn(out.logits, out.z, batch["labels"], batch["classifier_mask"], batch["metric_mask"])
+    terms = loss_fn(out.logits, out.z, batch["labels"], batch["classifier_mask"], batch["metric_mask"],
+                    z_view=forward_view(engine, view))
     engine.backward(terms.backward_loss)
     engine.step()
     window = TermWindow(1.0, 1.0)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import launch, make_cfg, make_frame, records, write_cfg
+from conftest import launch, make_cfg, make_frame, make_label_free_frame, records, write_cfg
 
 pytestmark = pytest.mark.slow
 
@@ -24,9 +24,12 @@ def _weights(root: Path) -> dict[str, torch.Tensor]:
     return torch.load(next(ckpt.rglob("*model_states.pt")), map_location="cpu", weights_only=False)["module"]
 
 
-def test_two_ranks_accumulated_equal_one(tmp_path, no_dropout_model_dir):
+@pytest.mark.parametrize("label_free", [False, True])
+def test_two_ranks_accumulated_equal_one(tmp_path, no_dropout_model_dir, label_free):
+    """With label-free rows, every rank's rows and views are in the window's contrast set (no dropout: a view
+    equals its row up to rounding)."""
     table = tmp_path / "t.parquet"
-    df = make_frame(96)
+    df = make_label_free_frame(96) if label_free else make_frame(96)
     df.loc[df.index % 3 == 0, "classifier_mask"] = 0
     df.to_parquet(table)
     one, two = tmp_path / "w1", tmp_path / "w2"
@@ -34,7 +37,8 @@ def test_two_ranks_accumulated_equal_one(tmp_path, no_dropout_model_dir):
     launch(_config(one, no_dropout_model_dir, table, 8), 1)
     launch(_config(two, no_dropout_model_dir, table, 4), 2)
     recs = records(two / "runs" / "acc")
-    assert [r["train/contrastive_batch"] for r in recs if "train/contrastive_batch" in r][0] == 16
+    first = [r for r in recs if "train/contrastive_batch" in r][0]
+    assert first["train/metric_rows"] == 16 and (first["train/contrastive_batch"] > 16) == label_free
     expected = _weights(one)
     for name, tensor in _weights(two).items():
         torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6, msg=name)

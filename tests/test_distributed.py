@@ -56,6 +56,20 @@ def test_two_ranks_equal_one(tmp_path, tiny_model_dir, stage, impl):
     assert_same_step(single, multi)
 
 
+@pytest.mark.parametrize("impl, stage, label_free_from", [("reference", 0, 0), ("fused", 2, 0),
+                                                           ("fused", 0, 5)])
+def test_two_ranks_equal_one_with_label_free_rows(tmp_path, tiny_model_dir, impl, stage, label_free_from):
+    """Each view is gathered with its row and the fresh class ids stay unique and paired over ranks; from row 5 on,
+    rank 0 (rows 0-4) has no label-free row while rank 1 has."""
+    extra = ["--stage", str(stage), "--impl", impl, "--sizes", "5,7", "--label-free-from", str(label_free_from)]
+    single = launch(1, tmp_path / "w1.pt", tiny_model_dir, *extra)
+    multi = launch(2, tmp_path / "w2.pt", tiny_model_dir, *extra)
+    assert single["terms"]["contrastive_batch"] > single["terms"]["metric_rows"]  # the views are anchors too
+    plain = launch(1, tmp_path / "p.pt", tiny_model_dir, "--stage", str(stage), "--impl", impl, "--sizes", "5,7")
+    assert plain["terms"]["supcon"] != pytest.approx(single["terms"]["supcon"], rel=1e-3)
+    assert_same_step(single, multi)
+
+
 def test_rank_without_metric_rows(tmp_path, tiny_model_dir):
     extra = ["--stage", "0", "--sizes", "4,8", "--no-metric-rank0"]
     single = launch(1, tmp_path / "w1.pt", tiny_model_dir, *extra)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_cfg
+from conftest import make_cfg, make_label_free_frame
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
@@ -22,8 +22,9 @@ from metric_ds.train import Trainer
 
 PACKAGE = str(Path(metric_ds.__file__).resolve().parent)
 READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "numpy")
-# Functions that read CPU tensors only (no sync on a GPU, where they return at once).
-CPU_ONLY = {"check_labels"}
+# Functions that read CPU tensors only (no sync on a GPU, where they return at once). view_inputs cuts the
+# label-free rows' second view from the collated batch before it moves.
+CPU_ONLY = {"check_labels", "view_inputs"}
 
 
 class SyncCounter:
@@ -47,11 +48,18 @@ class SyncCounter:
         return counted
 
 
-@pytest.mark.parametrize("projection, accumulation", [(None, 1), (8, 2)])
+def _table(tmp_path: Path, tiny_table: Path, label_free: bool) -> Path:
+    if not label_free:
+        return tiny_table
+    make_label_free_frame().to_parquet(tmp_path / "free.parquet")
+    return tmp_path / "free.parquet"
+
+
+@pytest.mark.parametrize("projection, accumulation, label_free", [(None, 1, False), (8, 2, False), (None, 1, True)])
 def test_a_micro_batch_reads_nothing_to_the_host(tmp_path, tiny_model_dir, tiny_table, monkeypatch, projection,
-                                                  accumulation):
+                                                  accumulation, label_free):
     trainer = Trainer(validate_config(make_cfg(
-        tmp_path, tiny_model_dir, tiny_table, training__max_steps=4, training__log_every_n_steps=100,
+        tmp_path, tiny_model_dir, _table(tmp_path, tiny_table, label_free), training__max_steps=4, training__log_every_n_steps=100,
         training__gradient_accumulation_steps=accumulation, model__projection_dim=projection,
         training__supcon_impl="auto")))
     counter = SyncCounter(monkeypatch)
@@ -147,14 +155,16 @@ class DeviceSyncOps(TorchFunctionMode):
         return out
 
 
-@pytest.mark.parametrize("mode, projection, accumulation, impl", [
-    ("micro", None, 1, "auto"), ("micro", 8, 2, "fused"), ("accumulated", 8, 2, "auto")])
+@pytest.mark.parametrize("mode, projection, accumulation, impl, label_free", [
+    ("micro", None, 1, "auto", False), ("micro", 8, 2, "fused", False), ("accumulated", 8, 2, "auto", False),
+    ("micro", 8, 1, "fused", True), ("accumulated", None, 2, "auto", True)])
 def test_a_step_runs_no_syncing_op_on_device_tensors(tmp_path, tiny_model_dir, tiny_table, mode, projection,
-                                                     accumulation, impl):
+                                                     accumulation, impl, label_free):
     """No ``nonzero``, ``masked_select``, boolean-mask index or ``bincount`` on a device tensor in a step or the
-    bank's add: on a GPU each waits for the device. (The rows of each loss term come from the CPU masks.)"""
+    bank's add: on a GPU each waits for the device. (The rows of each loss term, and the label-free rows' second
+    view, come from the CPU batch.)"""
     trainer = Trainer(validate_config(make_cfg(
-        tmp_path, tiny_model_dir, tiny_table, training__max_steps=4, training__log_every_n_steps=2,
+        tmp_path, tiny_model_dir, _table(tmp_path, tiny_table, label_free), training__max_steps=4, training__log_every_n_steps=2,
         training__gradient_accumulation_steps=accumulation, model__projection_dim=projection,
         training__supcon_impl=impl, training__contrastive_batch=mode)))
     if fused.available("cpu")[0]:  # the op's self-check reads its results, once per device and dtype: before

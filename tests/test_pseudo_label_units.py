@@ -66,7 +66,7 @@ def test_settings_errors_name_every_flag_at_once():
         "--holdout-fraction must be in [0, 1), got 1.0",
         "--labelled-share must be in (0, 1), got 0.0",
         ("min_labeled: unknown setting; known: method, k_multiple, min_purity, min_labelled, neighbours, margin, "
-         "metric_mask, holdout_fraction, labelled_share, seed"),
+         "metric_mask, holdout_fraction, labelled_share, keep_unassigned, seed"),
     ]
 
 
@@ -93,7 +93,8 @@ def test_output_table_and_summary_counts():
     texts = pd.DataFrame({"text": [f"t{i}" for i in range(10)], "label": ["a", "a", None, None, None,
                                                                          "b", "b", None, None, None]})
     table, counts = output_table(texts, Y, result, ["a", "b"], Settings(labelled_share=0.5))
-    assert counts == {"written": 14, "pseudo_written": 6, "labelled_repeat": 2, "left_out_by_metric_mask": 0}
+    assert counts == {"written": 14, "pseudo_written": 6, "unassigned_written": 0, "labelled_repeat": 2,
+                      "left_out_by_metric_mask": 0}
     assert table["text"].tolist()[:4] == ["t0", "t1", "t5", "t6"] and table["text"].tolist()[8:] == [
         "t2", "t3", "t4", "t7", "t8", "t9"]
     summary = build_summary(Y, result, ["a", "b"], Settings(), {"held_out": 0}, counts)

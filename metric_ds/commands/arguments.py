@@ -28,6 +28,8 @@ def add_field_argument(parser: argparse.ArgumentParser, flag: str, field: FieldI
         kwargs.update(nargs="+", type=get_args(kind)[0])
     elif kind in (int, float):
         kwargs["type"] = kind
+    elif kind is bool:  # --flag / --no-flag
+        kwargs["action"] = argparse.BooleanOptionalAction
     if field.is_required():
         kwargs["required"] = True
     else:

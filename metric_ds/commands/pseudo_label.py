@@ -3,7 +3,7 @@ training table of limited labelling.
 
 Labelled rows get ``classifier_mask = 1`` (and ``metric_mask`` by ``--metric-mask``); pseudo-labelled rows get
 ``classifier_mask = 0, metric_mask = 1``, so that they serve only SupCon; rows that fail the thresholds are left
-out and counted. The summary is printed and, with ``--summary``, written as JSON. Options and input are
+out and counted, or with ``--keep-unassigned`` kept as label-free rows (an empty label, SupCon only). The summary is printed and, with ``--summary``, written as JSON. Options and input are
 checked before any model is loaded, and nothing is written unless every step succeeds.
 """
 from __future__ import annotations

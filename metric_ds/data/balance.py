@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from metric_ds.data.labels import LABEL_FREE
+
 
 def balance_indices(labels: np.ndarray, upsample: int | None, downsample: int | None, seed: int) -> np.ndarray:
     """Row positions after balancing.
@@ -10,7 +12,8 @@ def balance_indices(labels: np.ndarray, upsample: int | None, downsample: int | 
     Downsampling keeps a random ``downsample`` rows (without replacement) of each larger class; upsampling
     keeps every row of each smaller class and adds rows drawn with replacement up to ``upsample``. Classes
     already within the bounds are untouched. Upsampled rows are repeats of real rows (same text), so a pk or
-    random batch may hold two copies of a row.
+    random batch may hold two copies of a row. Label-free rows (:data:`~metric_ds.data.labels.LABEL_FREE`) are
+    no class: each is kept once.
 
     Args:
         labels: class of each row, shape (N,).
@@ -30,8 +33,8 @@ def balance_indices(labels: np.ndarray, upsample: int | None, downsample: int | 
     if upsample is None and downsample is None:
         return np.arange(len(labels))
     rng = np.random.default_rng(seed)
-    out = [np.zeros(0, dtype=np.int64)]
-    for cls in np.unique(labels):
+    out = [np.zeros(0, dtype=np.int64), np.flatnonzero(labels == LABEL_FREE)]
+    for cls in np.unique(labels[labels != LABEL_FREE]):
         idx = np.flatnonzero(labels == cls)
         if downsample is not None and len(idx) > downsample:
             idx = np.sort(rng.choice(idx, size=downsample, replace=False))

@@ -1,4 +1,8 @@
-"""Label encoding: original labels <-> 0..C-1 in a stable (sorted) order, saved as ``labels.json``."""
+"""Label encoding: original labels <-> 0..C-1 in a stable (sorted) order, saved as ``labels.json``.
+
+A label-free row (null label, ``metric_mask = 1``, ``classifier_mask = 0``: see ``docs/data.md``) has no class
+in the map; its ``label_id`` is :data:`LABEL_FREE`, which the batch's ``labels`` tensor carries to the loss.
+"""
 from __future__ import annotations
 
 import json
@@ -7,6 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+
+# The label_id of a label-free row: no class. Never a valid class id, so CE or a class count that met it would fail.
+LABEL_FREE = -1
 
 
 def native(v: Any) -> Any:
@@ -92,6 +100,13 @@ class LabelMap:
         except KeyError:
             unknown = sorted({repr(v) for v in labels if v not in self._index})
             raise KeyError(f"labels not in the label map: {', '.join(unknown[:10])}") from None
+
+    def encode_or_free(self, labels: pd.Series) -> np.ndarray:
+        """Ids (int64) of ``labels``, with :data:`LABEL_FREE` for the null labels of label-free rows."""
+        ids = np.full(len(labels), LABEL_FREE, dtype=np.int64)
+        known = labels.notna().to_numpy()
+        ids[known] = self.encode(labels[known])
+        return ids
 
     def decode(self, ids: Iterable[int]) -> list[Any]:
         """The original labels of ``ids``."""

@@ -15,7 +15,7 @@ import pandas as pd
 
 from metric_ds.data.balance import balance_indices
 from metric_ds.data.io import load_frame
-from metric_ds.data.labels import LabelMap, unseen_labels
+from metric_ds.data.labels import LABEL_FREE, LabelMap, unseen_labels
 from metric_ds.data.notices import warn
 from metric_ds.data.split import labelled_rows_for_validation, stratified_split
 from metric_ds.data.validation import validate_frame
@@ -32,6 +32,8 @@ class TrainingData:
     Attributes:
         train, val: columns ``text``, ``label`` (original), ``label_id`` (0..C-1), ``metric_mask``,
             ``classifier_mask``; index 0..n-1. ``train`` is balanced (``data.upsample``/``data.downsample``).
+            Label-free rows (null label, ``label_id`` :data:`~metric_ds.data.labels.LABEL_FREE`) are all in
+            ``train``, never balanced; ``val`` holds none.
         label_map: the labels of the training table.
         warnings: what was logged on the way (rows dropped, classes kept out of validation, ...).
     """
@@ -56,7 +58,7 @@ def _load(obj: str | Path | pd.DataFrame, source: str, problems: list[str], warn
           ) -> pd.DataFrame | None:
     """Read and validate one table; its problems are added to ``problems`` (None is returned then)."""
     try:
-        return validate_frame(load_frame(obj), source, warnings)
+        return validate_frame(load_frame(obj), source, warnings, allow_label_free=True)
     except UserError as exc:
         problems.extend(exc.messages)
         return None
@@ -82,18 +84,30 @@ def _read_tables(frame: str | Path | pd.DataFrame, val_frame: str | Path | pd.Da
         val = _load(val_frame, val_src, problems, warnings)
     if df is None or (val_frame is not None and val is None):
         raise UserError(problems)
+    if val is not None and val["label"].isna().any():
+        free = val["label"].isna()
+        warn(f"{val_src}: dropped {int(free.sum())} label-free row(s) (null label) from the validation table: "
+             "validation scores labelled rows only", warnings)
+        val = val[~free].reset_index(drop=True)
+        if len(val) == 0:
+            raise UserError(f"{val_src}: the validation table has no labelled row; label some of its rows")
     return df, val, train_src, val_src
 
 
 def _split_off_validation(df: pd.DataFrame, val_ratio: float, seed: int, best_metric: str | None, train_src: str,
                           warnings: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The stratified ``val_ratio`` split of ``df``, keeping labelled validation rows where ``best_metric`` needs
-    them. Returns ``(train, val)``, each with a fresh index."""
+    them; label-free rows all stay in train. Returns ``(train, val)``, each with a fresh index."""
     # Strata are (label, classifier_mask, metric_mask): with 10 hand-labelled rows per class, about 1 goes to
     # validation and 9 stay in train, whatever the other rows do.
     strata = (df["label_id"].to_numpy() * 4 + df["classifier_mask"].to_numpy().astype(np.int64) * 2
               + df["metric_mask"].to_numpy().astype(np.int64))
-    train_idx, val_idx = stratified_split(strata, val_ratio, seed, warnings, unit="(label, masks) group(s)")
+    labelled = np.flatnonzero(df["label_id"].to_numpy() != LABEL_FREE)  # every row when none is label-free
+    train_idx, val_idx = stratified_split(strata[labelled], val_ratio, seed, warnings,
+                                          unit="(label, masks) group(s)")
+    if len(labelled) < len(df):
+        train_idx = np.union1d(labelled[train_idx], np.flatnonzero(df["label_id"].to_numpy() == LABEL_FREE))
+        val_idx = labelled[val_idx]
     labelled_train = train_idx[df["classifier_mask"].to_numpy()[train_idx] == 1]
     if best_metric in ("acc", "f1") and len(val_idx) and len(labelled_train) and \
             not (df["classifier_mask"].to_numpy()[val_idx] == 1).any():
@@ -143,7 +157,7 @@ def _check_pk(train: pd.DataFrame, pk: tuple[int, int], batch_size: int, metric_
     if p * k > batch_size:
         problems.append(f"data.classes_per_batch x data.samples_per_class = {p} x {k} = {p * k} exceeds "
                         f"training.batch_size = {batch_size}; lower them or raise the batch size")
-    metric = train[train["metric_mask"] == 1]
+    metric = train[(train["metric_mask"] == 1) & (train["label_id"] != LABEL_FREE)]
     counts = metric["label_id"].value_counts()
     usable = int((counts >= 2).sum())
     if metric_loss_weight > 0 and 0 < usable < p:
@@ -176,11 +190,11 @@ def build_training_data(frame: str | Path | pd.DataFrame, *, val_frame: str | Pa
     warnings: list[str] = []
     df, val, train_src, val_src = _read_tables(frame, val_frame, warnings)
 
-    label_map = LabelMap.from_labels(df["label"])
+    label_map = LabelMap.from_labels(df["label"].dropna())
     if label_map.num_classes < 2:
         raise UserError(f"{train_src}: the label column holds one class ({label_map.names[0]!r}): the classifier "
                         "and SupCon need at least two. Check the label column")
-    df["label_id"] = label_map.encode(df["label"])
+    df["label_id"] = label_map.encode_or_free(df["label"])
     problems: list[str] = []
     if val is not None:
         unseen = unseen_labels(val["label"], label_map,

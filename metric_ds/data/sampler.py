@@ -14,6 +14,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from metric_ds.data.labels import LABEL_FREE
+
 
 def _rng(seed: int, epoch: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch])
@@ -96,8 +98,9 @@ class PKBatchSampler(torch.utils.data.Sampler[list[int]]):
     of all of them). Each batch takes P chunks from P distinct classes, drawn with probability proportional to
     the chunks a class has left (so that large classes do not pile up at the end of the epoch; only when
     fewer than P classes have chunks left does a batch repeat a class). Then the rows that cannot be anchors
-    with a positive are added: rows with ``metric_mask = 0`` (e.g. classifier-only rows) and the metric rows
-    of classes with a single metric row (there is no positive for them anywhere). They are spread evenly
+    with a positive among the other rows are added: rows with ``metric_mask = 0`` (e.g. classifier-only rows),
+    the metric rows of classes with a single metric row (there is no positive for them anywhere) and label-free
+    rows (label :data:`~metric_ds.data.labels.LABEL_FREE`: their positive is their own second view). They are spread evenly
     over the batches, at most ``batch_size - P*K`` per batch, and what is left forms batches of
     ``batch_size`` of its own. So every row is seen once per epoch (except the K = 2 pairing above), every
     metric row in a P x K chunk has at least one positive in its batch, and no batch exceeds ``batch_size``.
@@ -124,6 +127,7 @@ class PKBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.metric = np.asarray(metric_mask).astype(bool)
         if self.labels.shape != self.metric.shape:
             raise ValueError(f"labels and metric_mask differ in length: {len(self.labels)} vs {len(self.metric)}")
+        self.metric &= self.labels != LABEL_FREE  # label-free rows fill batches
         self.p, self.k, self.batch_size = classes_per_batch, samples_per_class, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch = 0

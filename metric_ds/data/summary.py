@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from metric_ds.data.labels import LabelMap
+from metric_ds.data.labels import LABEL_FREE, LabelMap
 from metric_ds.data.pipeline import TrainingData
 
 if TYPE_CHECKING:
@@ -61,6 +61,9 @@ def summarize_frame(train: pd.DataFrame, label_map: LabelMap, batch_size: int, s
                     val_rows: int = 0, warnings: list[str] | None = None) -> dict[str, Any]:
     """Counts of a train split and the expected positive coverage of SupCon anchors at this batch size.
 
+    Label-free rows (:data:`~metric_ds.data.labels.LABEL_FREE`) are counted apart and in no class; the expected
+    coverage is that of the labelled metric rows (a label-free row always has a positive: its second view).
+
     Args:
         train: the (balanced) train split, with ``label_id`` and the masks.
         label_map: its labels.
@@ -69,12 +72,13 @@ def summarize_frame(train: pd.DataFrame, label_map: LabelMap, batch_size: int, s
         val_rows: rows of the validation split.
         warnings: data warnings to show.
     """
-    per_class = np.bincount(train["label_id"].to_numpy(dtype=np.int64), minlength=label_map.num_classes)
-    labels, metric = train["label_id"].to_numpy(), train["metric_mask"].to_numpy()
+    labels, metric = train["label_id"].to_numpy(dtype=np.int64), train["metric_mask"].to_numpy()
+    free = labels == LABEL_FREE
+    per_class = np.bincount(labels[~free], minlength=label_map.num_classes)
     if sampler == "pk":
-        frac = pk_anchor_pos_fraction(labels, metric)
+        frac = pk_anchor_pos_fraction(labels[~free], metric[~free])
     else:
-        frac = expected_anchor_pos_fraction(labels, metric, len(train), batch_size)
+        frac = expected_anchor_pos_fraction(labels[~free], metric[~free], len(train), batch_size)
     return {
         "train_rows": len(train),
         "val_rows": int(val_rows),
@@ -82,6 +86,7 @@ def summarize_frame(train: pd.DataFrame, label_map: LabelMap, batch_size: int, s
         "metric_rows": int(train["metric_mask"].sum()),
         "classifier_rows": int(train["classifier_mask"].sum()),
         "both_masks_rows": int(((train["metric_mask"] == 1) & (train["classifier_mask"] == 1)).sum()),
+        "label_free_rows": int(free.sum()),
         "rows_per_class_min": int(per_class.min()),
         "rows_per_class_median": float(np.median(per_class)),
         "rows_per_class_max": int(per_class.max()),
@@ -102,7 +107,8 @@ def format_summary(s: dict[str, Any]) -> str:
     """The summary as lines of text for the terminal."""
     lines = [
         f"rows: {s['train_rows']} train, {s['val_rows']} validation; {s['classes']} classes",
-        f"masks (train): metric {s['metric_rows']}, classifier {s['classifier_rows']}, both {s['both_masks_rows']}",
+        f"masks (train): metric {s['metric_rows']}, classifier {s['classifier_rows']}, both {s['both_masks_rows']}"
+        + (f"; label-free {s['label_free_rows']} (metric rows without a label)" if s.get("label_free_rows") else ""),
         f"rows per class (train): min {s['rows_per_class_min']}, median {s['rows_per_class_median']:g}, "
         f"max {s['rows_per_class_max']}",
         f"SupCon anchors with >= 1 positive at batch size {s['batch_size']} ({s['sampler']} sampler): "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic.fields import FieldInfo
 
 from metric_ds.data.prepare import METRIC_MASK_CHOICES
@@ -81,7 +81,19 @@ class Settings(FlagModel):
         None, gt=0, lt=1, description="repeat the labelled rows until they are about this share of the output (e.g. "
                                       "0.5), so that every batch holds some; then give train a validation table "
                                       "(data.val_path)")
+    keep_unassigned: bool = Field(
+        False, description="keep the rows that could not be pseudo-labelled, as label-free rows (label empty, "
+                           "metric_mask 1, classifier_mask 0: SupCon with a second view of themselves), instead of "
+                           "leaving them out")
     seed: int = 0
+
+    @field_validator("keep_unassigned")
+    @classmethod
+    def _supcon_rows(cls, keep: bool, info: ValidationInfo) -> bool:
+        if keep and info.data.get("metric_mask") == "labelled":
+            raise ValueError("keeps rows for SupCon, which --metric-mask labelled restricts to labelled rows; "
+                             "use --metric-mask all, or leave --keep-unassigned out")
+        return keep
 
     def thresholds(self) -> dict[str, Any]:
         """The settings as plain data, in field order (a subclass's extra fields left out)."""

@@ -70,6 +70,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         med = c["purity_quantiles"].get("0.5")
         lines.append(f"clusters: {c['k']}, {c['with_labelled_rows']} with labelled rows, {c['passing']} passing; "
                      f"median purity {pct(med)}")
+    if summary.get("unassigned_written"):
+        lines.append(f"--keep-unassigned: {summary['unassigned_written']} rejected rows kept as label-free rows")
     if summary["left_out_by_metric_mask"]:
         lines.append(f"--metric-mask labelled: {summary['left_out_by_metric_mask']} pseudo-labelled rows left out")
     return "\n".join(lines)

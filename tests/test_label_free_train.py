@@ -1,0 +1,47 @@
+"""Training with label-free rows end to end: the views train (dropout on, so each view draws its own masks), the
+bank and validation see labelled rows only, and a resumed run equals the uninterrupted one."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_label_free_frame, records, run, weights
+
+
+@pytest.fixture
+def label_free_table(tmp_path) -> Path:
+    path = tmp_path / "free.parquet"
+    make_label_free_frame(96).to_parquet(path)
+    return path
+
+
+@pytest.mark.parametrize("mode", ["micro", "accumulated"])
+def test_resume_with_label_free_rows_equals_the_uninterrupted_run(tmp_path, tiny_model_dir, label_free_table, mode):
+    """The views' dropout draws come from the RNG streams the checkpoint restores."""
+    common = {"training__max_steps": 6, "training__num_epochs": 3, "checkpointing__save_every_n_batches": 3,
+              "checkpointing__keep_last_n_checkpoints": 5, "training__contrastive_batch": mode,
+              "training__gradient_accumulation_steps": 2, "training__label_free_weight": 0.7}
+    full, _ = run(tmp_path / "a", tiny_model_dir, label_free_table, **common)
+    resumed, summary = run(tmp_path / "b", tiny_model_dir, label_free_table,
+                           training__resume_from=str(full.run_dir / "checkpoints" / "step-3"), **common)
+    assert summary["steps"] == 6
+    def strip(r: dict) -> dict:
+        return {k: v for k, v in r.items() if "samples_per_s" not in k and "step_time" not in k}
+
+    assert [strip(r) for r in records(resumed.run_dir)] == [strip(r) for r in records(full.run_dir) if r["step"] > 3]
+    expected = weights(full)
+    for name, tensor in weights(resumed).items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_label_free_rows_train_supcon_and_stay_out_of_validation_and_the_bank(tmp_path, tiny_model_dir,
+                                                                            label_free_table):
+    trainer, summary = run(tmp_path, tiny_model_dir, label_free_table, training__max_steps=4)
+    assert summary["steps"] == 4
+    assert trainer.label_map.num_classes == 4 and not trainer.data.val["label"].isna().any()
+    recs = [r for r in records(trainer.run_dir) if "train/contrastive_batch" in r]
+    assert any(r["train/contrastive_batch"] > r["train/metric_rows"] for r in recs)  # the views
+    labels = trainer.bank.copy_live_rows()[2]
+    assert len(labels) and int(labels.min()) >= 0 and int(labels.max()) < 4
+    assert any("bank/classes_covered" in r for r in records(trainer.run_dir))  # bank statistics computed
