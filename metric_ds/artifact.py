@@ -9,6 +9,7 @@ A model folder is a standard Hugging Face folder plus metric_ds's heads, labels 
     metric_ds_config.yaml            the training config (``training.max_seq_length`` is read back from it)
     metrics.json                     the validation record the folder was chosen by
     training_data.json               ``{"train": path}``: the training table, the default k-NN bank
+    open_set.json, reference.safetensors   the open-set calibration (:mod:`metric_ds.open_set`), after training
     modules.json, ...                the sentence-transformers files (:mod:`metric_ds.st_layout`)
 
 Training writes it with :func:`save_model`; ``metric_ds.load``, ``metric-ds evaluate``, ``export``,

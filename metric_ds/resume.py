@@ -9,8 +9,10 @@ A checkpoint stores the resolved config and a fingerprint of the training data. 
 current ones:
 
 * **Safe to change** (:data:`SAFE_KEYS`): where the run is written and logged, how often it validates, logs and
-  checkpoints, the data loader's workers, the retrieval metrics' settings, and the data file's path (the data
-  itself must be the same: the fingerprint says so).
+  checkpoints, the data loader's workers, the retrieval metrics' settings, the open-set calibration that follows
+  training, and the data file's path (the data itself must be the same: the fingerprint says so).
+* **Keys newer than the checkpoint**: a key the checkpoint's config lacks (a version before the key existed)
+  that is at its default now is what that version did, so it is no change.
 * **The length of the run** (``training.num_epochs``, ``training.max_steps``): only where the learning-rate
   schedule does not depend on it, so that the lr does not jump: a ``constant`` or ``constant_with_warmup``
   schedule, or an explicit ``scheduler.num_training_steps``.
@@ -30,7 +32,7 @@ from tqdm.auto import tqdm
 
 from metric_ds import distributed as D
 from metric_ds.checkpoint import DS_TAG, UNIVERSAL_TAG, ensure_universal, read_client_state, resolve_resume
-from metric_ds.config import current_key
+from metric_ds.config import current_key, schema_default
 from metric_ds.errors import UserError
 
 if TYPE_CHECKING:
@@ -41,7 +43,7 @@ SAFE_KEYS = (
     "checkpointing.keep_last_n_checkpoints", "checkpointing.overwrite", "training.resume_from",
     "training.log_every_n_steps", "training.eval_every_n_steps", "data.num_workers", "data.train_path",
     "data.val_path", "logging.", "neptune.", "metric_validation.recall_at_k", "metric_validation.knn_k",
-    "metric_validation.distance", "metric_validation.eval_batch_size",
+    "metric_validation.distance", "metric_validation.eval_batch_size", "open_set.",
 )
 LENGTH_KEYS = ("training.num_epochs", "training.max_steps")
 _LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup")
@@ -61,6 +63,14 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _safe(key: str) -> bool:
     return any(key == s or (s.endswith(".") and key.startswith(s)) for s in SAFE_KEYS)
+
+
+def _at_default(key: str, value: Any) -> bool:
+    """Whether ``value`` is the schema's default for ``key`` (a dotted path); False for a key the schema lacks."""
+    try:
+        return schema_default(key) == value
+    except (KeyError, AttributeError, TypeError):
+        return False
 
 
 def _model_identity(name: Any) -> Any:
@@ -99,7 +109,8 @@ def check_resume(saved_config: dict[str, Any] | None, saved_fingerprint: str | N
     # A checkpoint saved before a key was renamed (config.RENAMED_KEYS) holds it under its old name.
     old = {current_key(k): v for k, v in flatten(saved_config).items()}
     new = flatten(config)
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not _safe(k))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not _safe(k)
+                     and not (k not in old and _at_default(k, new[k])))
     if "model_name" in changed and _model_identity(old.get("model_name")) == _model_identity(new.get("model_name")):
         changed.remove("model_name")  # null and the bundled model's path (or two paths of one folder): one model
     problems = []

@@ -98,6 +98,16 @@ def test_resume_on_other_data_is_refused(checkpointed, tiny_model_dir, tmp_path)
         run(tmp_path, tiny_model_dir, other, training__resume_from="latest", **common)
 
 
+def test_check_resume_takes_a_key_newer_than_the_checkpoint_at_its_default_as_no_change():
+    """A checkpoint of a version before training.label_free_weight existed resumes with it at its default (what
+    that version did), not with another value; open_set.* may change (it only acts after training)."""
+    saved = {"training": {"seed": 1}}
+    check_resume(saved, "f", {"training": {"seed": 1, "label_free_weight": 1.0}}, "f", "ckpt")
+    with pytest.raises(UserError, match=r"training.label_free_weight: None in the checkpoint, 0.5 now"):
+        check_resume(saved, "f", {"training": {"seed": 1, "label_free_weight": 0.5}}, "f", "ckpt")
+    check_resume({**saved, "open_set": {"score": "knn"}}, "f", {**saved, "open_set": {"score": "msp"}}, "f", "ckpt")
+
+
 def test_check_resume_compares_the_resolved_model_not_its_spelling(tiny_model_dir):
     from metric_ds.model import default_model_path
 
