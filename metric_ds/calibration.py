@@ -8,6 +8,7 @@ the model's classes (or is the unknown label) are left out and counted: a thresh
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from metric_ds.config import Config
     from metric_ds.data.pipeline import TrainingData
 
+log = logging.getLogger("metric_ds")
+
 
 def known_rows(labels: pd.Series, model: LoadedModel, unknown_label: Any) -> np.ndarray:
     """Which rows are of a class the model knows (and not labelled ``unknown_label``)."""
@@ -32,10 +35,9 @@ def known_rows(labels: pd.Series, model: LoadedModel, unknown_label: Any) -> np.
 
 
 def reference_rows(table: pd.DataFrame, model: LoadedModel, max_rows: int, seed: int) -> pd.DataFrame:
-    """The table's rows the scores compare with: ``metric_mask = 1`` (when it has the column), of a known class,
-    at most ``max_rows`` (a seeded draw, in table order)."""
-    if "metric_mask" in table.columns:
-        table = table[table["metric_mask"].astype(str).str.lower().isin(["1", "true", "1.0"])]
+    """The table's rows the scores compare with: every row of a class the model knows (whatever its masks: a
+    hand-checked label and a trusted cluster label both place a class; label-free rows have none), at most
+    ``max_rows`` (a seeded draw, in table order)."""
     table = table[known_rows(table["label"], model, None)]
     if len(table) > max_rows:
         keep = np.sort(np.random.default_rng(seed).choice(len(table), max_rows, replace=False))
@@ -51,7 +53,7 @@ def calibrate_model(model: LoadedModel, val: pd.DataFrame, reference: pd.DataFra
     Args:
         model: the loaded model.
         val: columns ``text``, ``label``: the calibration rows; only rows of the model's classes count.
-        reference: columns ``text``, ``label`` (and ``metric_mask``): the rows the knn and centroid scores
+        reference: columns ``text``, ``label``: the rows the knn and centroid scores
             compare with, normally the training table.
         score: the default score written into the file.
         reject_rate, knn_k, unknown_label, max_reference_rows: ``open_set`` settings (:mod:`metric_ds.config`).
@@ -71,7 +73,7 @@ def calibrate_model(model: LoadedModel, val: pd.DataFrame, reference: pd.DataFra
                         "validation rows")
     ref = reference_rows(reference, model, max_reference_rows, seed)
     if ref.empty:
-        raise UserError(f"{ref_src}: no metric_mask row of a class the model knows, to compare texts with")
+        raise UserError(f"{ref_src}: no row of a class the model knows, to compare texts with")
     ref_out = model.forward(check_texts(ref["text"], f"{ref_src}: column text"), desc="reference rows")
     ref_ids = torch.from_numpy(model.label_map.encode(ref["label"]))
     reference_set = Reference.build(ref_out["z"], ref_ids, model.label_map.num_classes)
@@ -106,11 +108,16 @@ def calibrate_best(folder: Path, data: TrainingData, cfg: Config, device: torch.
     once: ``data.upsample`` repeats rows), with ``cfg.open_set``. Rank 0 does it while the others wait."""
     if D.is_main():
         reference = data.train.drop_duplicates(subset=["text", "label"])
-        found = calibrate_folder(folder, data.val, reference, cfg.open_set, device,
-                                 ("the validation split", cfg.data.train_path or "the training data"),
-                                 cfg.training.seed)
-        thresholds = ", ".join(f"{k} {v:.4f}" for k, v in found.settings.thresholds.items())
-        tqdm.write(f"open set: calibrated {folder.name}/ on {found.settings.calibration['rows']} validation rows "
-                   f"(thresholds {thresholds}; default score {found.settings.score})")
+        try:
+            found = calibrate_folder(folder, data.val, reference, cfg.open_set, device,
+                                     ("the validation split", cfg.data.train_path or "the training data"),
+                                     cfg.training.seed)
+        except UserError as exc:  # the model is trained and exported: say what is missing, do not fail the run
+            log.warning(f"open set: {folder} was not calibrated ({exc}); predict --reject needs it: run metric-ds "
+                      f"calibrate --model {folder} --data VALIDATION_TABLE, or set open_set.calibrate: false")
+        else:
+            thresholds = ", ".join(f"{k} {v:.4f}" for k, v in found.settings.thresholds.items())
+            tqdm.write(f"open set: calibrated {folder.name}/ on {found.settings.calibration['rows']} validation "
+                       f"rows (thresholds {thresholds}; default score {found.settings.score})")
     if D.is_dist():
         torch.distributed.barrier()

@@ -122,6 +122,26 @@ def test_training_calibrates_best_on_the_validation_split_only(tmp_path, tiny_mo
                for n in ("msp", "knn", "centroid"))
 
 
+def test_a_run_whose_calibration_fails_still_ends_with_its_model(tmp_path, tiny_model_dir, caplog):
+    """The unknown label is one of the classes: calibrating cannot work, but the trained model is not lost; the
+    warning says how to calibrate."""
+    from metric_ds.config import validate_config
+    from metric_ds.train import Trainer
+
+    train = tmp_path / "train.parquet"
+    make_frame(48, seed=0).to_parquet(train)
+    cfg = validate_config({
+        "run_name": "os", "model_name": str(tiny_model_dir), "data": {"train_path": str(train)},
+        "training": {"batch_size": 8, "max_steps": 1, "max_seq_length": 16, "supcon_impl": "reference"},
+        "checkpointing": {"checkpoints_dir": str(tmp_path / "runs"), "save_best_by": "loss"},
+        "logging": {"backends": ["jsonl"], "progress": "off"}, "open_set": {"unknown_label": "class_0"},
+    })
+    Trainer(cfg).fit()
+    best = tmp_path / "runs" / "os" / "best"
+    assert (best / "heads.json").is_file() and not (best / OPEN_SET_FILE).exists()
+    assert "was not calibrated" in caplog.text and "metric-ds calibrate" in caplog.text
+
+
 def test_calibrate_leaves_out_rows_of_other_labels(calibrated, tmp_path, capsys):
     """Rows labelled 'unknown' or with a label the model does not know never move a threshold."""
     known = make_frame(30, seed=5)
