@@ -298,7 +298,8 @@ class LoadedModel:
 
     def bank_from_table(self, table: Any = None, text_column: str = "text", label_column: str = "label",
                         batch_size: int | None = None, show_progress: bool | None = None) -> ReferenceSet:
-        """A :class:`ReferenceSet` of a labelled table's rows (those with ``metric_mask = 1`` if it has that column).
+        """A :class:`ReferenceSet` of a labelled table's rows (those with ``metric_mask = 1`` if it has that column,
+        and a label).
 
         Args:
             table: a path (Parquet, CSV, JSONL) or a DataFrame; ``None``: the training table recorded in the
@@ -316,8 +317,9 @@ class LoadedModel:
             raise UserError(f"{source}: missing column(s) {', '.join(missing)}; it has {', '.join(map(str, df.columns))}")
         if "metric_mask" in df.columns:
             df = df[df["metric_mask"].astype(str).str.lower().isin(["1", "true", "1.0"])]
+        df = df[df[label_column].notna()]  # label-free rows (docs/data.md) vote for no class
         if df.empty:
-            raise UserError(f"{source}: no rows for the bank (none with metric_mask = 1)")
+            raise UserError(f"{source}: no rows for the bank (none with metric_mask = 1 and a label)")
         return self.build_bank(check_texts(df[text_column], f"{source}: column {text_column}"),
                                df[label_column].tolist(), batch_size, show_progress)
 

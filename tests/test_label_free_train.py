@@ -45,3 +45,29 @@ def test_label_free_rows_train_supcon_and_stay_out_of_validation_and_the_bank(tm
     labels = trainer.bank.copy_live_rows()[2]
     assert len(labels) and int(labels.min()) >= 0 and int(labels.max()) < 4
     assert any("bank/classes_covered" in r for r in records(trainer.run_dir))  # bank statistics computed
+
+
+def test_a_model_trained_with_label_free_rows_evaluates_votes_and_rejects(tmp_path, tiny_model_dir, label_free_table):
+    """Its training table (the default k-NN bank and reference rows) holds rows without a label: evaluate, the k-NN
+    vote and the calibration skip them."""
+    import json
+
+    import pandas as pd
+
+    import metric_ds
+    from metric_ds.cli import main
+
+    trainer, _ = run(tmp_path, tiny_model_dir, label_free_table, training__max_steps=2)
+    best = trainer.run_dir / "best"
+    stored = json.loads((best / "open_set.json").read_text())
+    assert stored["calibration"]["reference_rows"] == int(trainer.data.train["label"].notna().sum())
+    labelled = tmp_path / "labelled.parquet"
+    table = pd.read_parquet(label_free_table)
+    table[table["label"].notna()].to_parquet(labelled)
+    assert main(["evaluate", "--model", str(best), "--data", str(labelled), "--device", "cpu",
+                 "--output", str(tmp_path / "eval.json")]) == 0
+    assert "retrieval" in json.loads((tmp_path / "eval.json").read_text())
+    model = metric_ds.load(best, device="cpu")
+    assert set(model.knn(["card"], k=3).labels) <= set(model.labels)
+    assert main(["calibrate", "--model", str(best), "--data", str(labelled), "--reference-data",
+                 str(label_free_table)]) == 0

@@ -65,7 +65,7 @@ def calibrate_command(args: argparse.Namespace) -> None:
     missing = [c for c in ("text", "label") if c not in val.columns]
     if missing:
         raise UserError(f"{args.data}: missing column(s) {', '.join(missing)}; it has {', '.join(map(str, val.columns))}")
-    ref = validate_frame(read_table(reference), str(reference))
+    ref = validate_frame(read_table(reference), str(reference), allow_label_free=True)  # they place no class
     found = calibrate_folder(folder, val, ref, settings, args.device, (str(args.data), str(reference)), args.seed)
     c = found.settings.calibration
     left = f" ({c['rows_left_out']} row(s) of other labels left out)" if c["rows_left_out"] else ""

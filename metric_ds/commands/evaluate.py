@@ -154,7 +154,8 @@ def evaluate(model_dir: str | Path, data: str | Path, bank_data: str | Path | No
             bank_data = None
     mm = out["metric_mask"].bool() & known
     if bank_data is not None and Path(bank_data).is_file() and mm.any():
-        bank_df = _encode(validate_frame(read_table(bank_data), str(bank_data)), label_map, str(bank_data))
+        bank_df = validate_frame(read_table(bank_data), str(bank_data), allow_label_free=True)
+        bank_df = _encode(bank_df[bank_df["label"].notna()], label_map, str(bank_data))  # label-free rows vote for none
         bank_out = embed_table(model, tokenizer, bank_df, max_seq_length, batch_size, device, length_sorted)
         bm = bank_out["metric_mask"].bool()
         bank = (bank_out["z"][bm], bank_out["h"][bm], bank_out["labels"][bm])
