@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from metric_ds.artifact import DAMAGED, read_schema_file
 from metric_ds.errors import UserError
-from metric_ds.metrics import knn_search, per_class_f1
+from metric_ds.metrics import per_class_f1
 from metric_ds.outputs import atomic_output
 
 OPEN_SET_FILE = "open_set.json"
@@ -108,14 +108,33 @@ def scores(logits: torch.Tensor, z: torch.Tensor, reference: Reference | None, k
         if len(reference.z) == 0:
             raise UserError(f"the knn score needs the reference rows ({REFERENCE_FILE} of the model folder), which "
                             "are missing: calibrate the model again (metric-ds calibrate), or use another score")
-        if len(z) == 0:
-            out["knn"] = torch.zeros(0, device=device)
-        else:
-            out["knn"] = knn_search(z, reference.z.to(device), knn_k, "cos")[0].mean(1)
+        out["knn"] = knn_mean_similarity(z, reference.z.to(device), knn_k)
     if "centroid" in which:
         out["centroid"] = (z @ reference.centroids.to(device).T).max(1).values if len(z) else \
             torch.zeros(0, device=device)
     return {k: v.float().cpu() for k, v in out.items()}
+
+
+def knn_mean_similarity(queries: torch.Tensor, database: torch.Tensor, k: int, query_chunk: int = 1024,
+                        db_chunk: int = 8192) -> torch.Tensor:
+    """The mean cosine similarity of each (unit-norm) query to its ``k`` nearest database rows, in chunks.
+
+    The values alone: unlike :func:`metric_ds.metrics.knn_search`, which a vote needs (indices, ties broken by
+    index through a stable sort), a running ``topk`` of the values is enough here, and cheaper.
+
+    Shape:
+        queries: (Q, D); database: (N, D); returns (Q,) float32.
+    """
+    k = min(k, len(database))
+    out = []
+    for qs in range(0, len(queries), query_chunk):
+        q = queries[qs:qs + query_chunk].float()
+        best = torch.empty(len(q), 0, device=q.device)
+        for ds in range(0, len(database), db_chunk):
+            sims = q @ database[ds:ds + db_chunk].float().T
+            best = torch.cat([best, sims], dim=1).topk(min(k, best.shape[1] + sims.shape[1]), dim=1).values
+        out.append(best.mean(1))
+    return torch.cat(out) if out else torch.zeros(0, device=queries.device)
 
 
 def threshold_for(known_scores: torch.Tensor | np.ndarray, reject_rate: float) -> float:

@@ -57,6 +57,19 @@ def test_scores_match_plain_pytorch():
     assert torch.allclose(got["centroid"], (z @ centroids.T).max(1).values, atol=1e-5)
 
 
+def test_knn_mean_similarity_in_chunks_equals_one_matmul():
+    from metric_ds.open_set import knn_mean_similarity
+
+    torch.manual_seed(1)
+    q = torch.nn.functional.normalize(torch.randn(37, 6), dim=1)
+    db = torch.nn.functional.normalize(torch.randn(53, 6), dim=1)
+    want = (q @ db.T).topk(5, dim=1).values.mean(1)
+    for qc, dc in ((1024, 8192), (8, 7), (1, 1)):
+        torch.testing.assert_close(knn_mean_similarity(q, db, 5, qc, dc), want)
+    torch.testing.assert_close(knn_mean_similarity(q, db[:3], 5), (q @ db[:3].T).mean(1))  # k beyond the rows
+    assert knn_mean_similarity(q[:0], db, 5).shape == (0,)
+
+
 def test_threshold_rejects_at_most_the_rate():
     rng = np.random.default_rng(0)
     for n in (1, 7, 20, 101):
