@@ -2,8 +2,7 @@
 chosen on known-class validation rows alone (:mod:`metric_ds.open_set`).
 
 The end of training calls :func:`calibrate_best` (:func:`calibrate_folder` with the run's validation split and
-training rows);
-``metric-ds calibrate`` calls it for any model and table. Rows of the calibration table whose label is not one of
+training rows); ``metric-ds calibrate`` calls :func:`calibrate_folder` for any model and table. Rows of the calibration table whose label is not one of
 the model's classes (or is the unknown label) are left out and counted: a threshold never sees them.
 """
 from __future__ import annotations
@@ -46,15 +45,15 @@ def reference_rows(table: pd.DataFrame, model: LoadedModel, max_rows: int, seed:
 
 
 def calibrate_model(model: LoadedModel, val: pd.DataFrame, reference: pd.DataFrame, *, score: str,
-                    reject_rate: float, knn_k: int, unknown_label: Any, max_reference_rows: int = 50_000,
+                    reject_rate: float, knn_k: int, unknown_label: Any, max_reference_rows: int,
                     seed: int = 0, sources: tuple[str, str] = ("validation", "reference")) -> OpenSet:
     """Calibrate ``model`` (nothing is written; :func:`metric_ds.open_set.save` writes the result).
 
     Args:
         model: the loaded model.
         val: columns ``text``, ``label``: the calibration rows; only rows of the model's classes count.
-        reference: columns ``text``, ``label``: the rows the knn and centroid scores
-            compare with, normally the training table.
+        reference: columns ``text``, ``label``: the rows the knn and centroid scores compare with, normally
+            the training table.
         score: the default score written into the file.
         reject_rate, knn_k, unknown_label, max_reference_rows: ``open_set`` settings (:mod:`metric_ds.config`).
         seed: the draw of reference rows when there are more than ``max_reference_rows``.
