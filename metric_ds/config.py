@@ -312,7 +312,7 @@ class OpenSetConfig(_Section):
     unknown_label: str | int = Field("unknown", description="What predict --reject answers for a rejected text; "
                                                              "must not be one of the model's labels.")
     max_reference_rows: int = Field(
-        50_000, gt=0, description="The knn score searches at most this many labelled training rows (a seeded draw "
+        20_000, gt=0, description="The knn score searches at most this many labelled training rows (a seeded draw "
                                   "beyond it), stored in fp16 in reference.safetensors.")
 
 

@@ -65,7 +65,7 @@ class Reference:
 
     Shape:
         z: (M, D) unit-norm embeddings; label_ids: (M,) classifier class ids; centroids: (C, D), unit norm (a
-        class without reference rows has a zero centroid, so it is never the nearest).
+        class without reference rows has a zero centroid: cosine 0 to every text).
     """
 
     z: torch.Tensor
@@ -77,8 +77,9 @@ class Reference:
         """Reference rows ``z`` (stored in fp16: the scores read them back so) and their classes' centroids."""
         z = torch.nn.functional.normalize(z.float(), dim=1).half().float()
         sums = torch.zeros(num_classes, z.shape[1], dtype=torch.float32).index_add_(0, label_ids.long(), z)
-        # rounded as open_set.json stores them, so that the calibrated scores are the ones a reader computes
-        centroids = torch.round(torch.nn.functional.normalize(sums, dim=1), decimals=CENTROID_DECIMALS)
+        # rounded as open_set.json stores them (decimal floats), so that the calibrated scores are a reader's
+        unit = torch.nn.functional.normalize(sums, dim=1).tolist()
+        centroids = torch.tensor([[round(v, CENTROID_DECIMALS) for v in row] for row in unit], dtype=torch.float32)
         return cls(z=z, label_ids=label_ids.long(), centroids=centroids)
 
 
@@ -177,7 +178,8 @@ def open_set_metrics(values: np.ndarray, closed_pred: np.ndarray, labels: np.nda
         threshold: reject below it.
 
     Returns:
-        ``accuracy`` and ``macro_f1`` over C + 1 classes, ``f1_known`` (macro over the C known classes),
+        ``accuracy`` and ``macro_f1`` over C + 1 classes, ``f1_known`` (macro over the known classes; both macros
+        over the classes present in the labels or the predictions),
         ``f1_unknown``, ``auroc`` (known rows as positives), ``fpr_at_95_tpr`` (share of unknown rows accepted
         by the threshold that accepts 95% of known rows), ``rejected`` (share of rows rejected).
     """
@@ -186,9 +188,12 @@ def open_set_metrics(values: np.ndarray, closed_pred: np.ndarray, labels: np.nda
     values, labels = np.asarray(values, dtype=np.float64), np.asarray(labels)
     pred = np.where(reject(values, threshold), num_classes, np.asarray(closed_pred))
     f1 = per_class_f1(torch.as_tensor(labels), torch.as_tensor(pred), num_classes=num_classes + 1).numpy()
+    # averaged over the classes present (in the labels or the predictions), as metrics.macro_f1 does
+    present = (np.bincount(labels, minlength=num_classes + 1) + np.bincount(pred, minlength=num_classes + 1)) > 0
     known = labels < num_classes
-    out = {"accuracy": float((pred == labels).mean()), "macro_f1": float(f1.mean()),
-           "f1_known": float(f1[:num_classes].mean()), "f1_unknown": float(f1[num_classes]),
+    out = {"accuracy": float((pred == labels).mean()), "macro_f1": float(f1[present].mean()),
+           "f1_known": float(f1[:num_classes][present[:num_classes]].mean()) if present[:num_classes].any() else 0.0,
+           "f1_unknown": float(f1[num_classes]),
            "rejected": float((pred == num_classes).mean()), "threshold": float(threshold)}
     if known.any() and (~known).any():
         out["auroc"] = float(roc_auc_score(known, values))

@@ -288,9 +288,12 @@ def test_readme_onnx_reject_block(tmp_path, tiny_model_dir):
     from metric_ds.config import OpenSetConfig
 
     best = make_export(tmp_path / "best", tiny_model_dir, "mean", 8)
-    rows = pd.DataFrame({"text": ["card lost", "refund please", "transfer money", "atm cash", "pin card"],
-                         "label": [LABELS[i % len(LABELS)] for i in range(5)]})
-    calibrate_folder(best, rows, rows, OpenSetConfig(reject_rate=0.3), device="cpu")
+    def rows(texts: list[str]) -> pd.DataFrame:
+        return pd.DataFrame({"text": texts, "label": [LABELS[i % len(LABELS)] for i in range(len(texts))]})
+
+    calibrate_folder(best, rows(["card lost", "refund please", "transfer money", "atm cash", "pin card"]),
+                     rows(["my card is lost", "a refund", "send money", "cash machine", "top up"]),
+                     OpenSetConfig(reject_rate=0.3), device="cpu")
     assert main(["export", str(best), "--format", "onnx", "--output", str(tmp_path / "onnx")]) == 0
     assert (tmp_path / "onnx" / "reference.safetensors").is_file()  # the knn score's rows travel too
     ns = run_block(readme_block("onnx-reject"), "onnx_dir", tmp_path / "onnx")

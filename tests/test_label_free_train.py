@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_label_free_frame, records, run, weights
+from conftest import make_frame, make_label_free_frame, records, run, weights
 
 
 @pytest.fixture
@@ -60,7 +60,9 @@ def test_a_model_trained_with_label_free_rows_evaluates_votes_and_rejects(tmp_pa
     trainer, _ = run(tmp_path, tiny_model_dir, label_free_table, training__max_steps=2)
     best = trainer.run_dir / "best"
     stored = json.loads((best / "open_set.json").read_text())
-    assert stored["calibration"]["reference_rows"] == int(trainer.data.train["label"].notna().sum())
+    val_texts = set(trainer.data.val["text"])
+    train = trainer.data.train.drop_duplicates(subset=["text", "label"])
+    assert stored["calibration"]["reference_rows"] == int((train["label"].notna() & ~train["text"].isin(val_texts)).sum())
     labelled = tmp_path / "labelled.parquet"
     table = pd.read_parquet(label_free_table)
     table[table["label"].notna()].to_parquet(labelled)
@@ -69,5 +71,7 @@ def test_a_model_trained_with_label_free_rows_evaluates_votes_and_rejects(tmp_pa
     assert "retrieval" in json.loads((tmp_path / "eval.json").read_text())
     model = metric_ds.load(best, device="cpu")
     assert set(model.knn(["card"], k=3).labels) <= set(model.labels)
-    assert main(["calibrate", "--model", str(best), "--data", str(labelled), "--reference-data",
+    val = tmp_path / "val.parquet"
+    make_frame(16, seed=5).to_parquet(val)
+    assert main(["calibrate", "--model", str(best), "--data", str(val), "--reference-data",
                  str(label_free_table)]) == 0

@@ -98,6 +98,9 @@ def test_open_set_metrics_by_hand():
     assert m["auroc"] == pytest.approx(7 / 9)
     # the threshold that accepts 95% of known rows is 0.2 (the lowest): every unknown row above it is accepted
     assert m["fpr_at_95_tpr"] == pytest.approx(2 / 3)
+    # macro over the classes present: a known class with no row and no prediction does not count as F1 0
+    m = open_set_metrics(np.array([0.9, 0.8, 0.1]), np.array([0, 0, 1]), np.array([0, 0, 3]), 3, threshold=0.5)
+    assert (m["accuracy"], m["macro_f1"], m["f1_known"], m["f1_unknown"]) == (1.0, 1.0, 1.0, 1.0)
 
 
 # ------------------------------------------------------------------------------------------------ calibration
@@ -125,7 +128,9 @@ def test_training_calibrates_best_on_the_validation_split_only(tmp_path, tiny_mo
     best = tmp_path / "runs" / "os" / "best"
     stored = json.loads((best / OPEN_SET_FILE).read_text())
     assert stored["score"] == "centroid" and stored["knn_k"] == 3 and stored["reject_rate"] == 0.1
-    assert stored["calibration"]["rows"] == 40 and stored["calibration"]["reference_rows"] == 64
+    val_texts = set(pd.read_parquet(val)["text"])
+    unshared = int((~pd.read_parquet(train)["text"].isin(val_texts)).sum())  # a validation text is no reference row
+    assert stored["calibration"]["rows"] == 40 and stored["calibration"]["reference_rows"] == unshared
     model = metric_ds.load(best, device="cpu")
     on_val = model.in_scope_scores(pd.read_parquet(val)["text"])
     on_train = model.in_scope_scores(pd.read_parquet(train)["text"])
@@ -182,17 +187,37 @@ def test_recalibrating_keeps_the_models_settings_unless_given(calibrated, tmp_pa
     table = tmp_path / "val.parquet"
     make_frame(20, seed=2).to_parquet(table)
     assert cli(["calibrate", "--model", str(folder), "--data", str(table), "--score", "centroid", "--knn-k", "2",
-                "--unknown-label", "none of these"]) == 0
+                "--unknown-label", "none of these", "--max-reference-rows", "50", "--seed", "7"]) == 0
     assert cli(["calibrate", "--model", str(folder), "--data", str(table), "--reject-rate", "0.2"]) == 0
     stored = json.loads((folder / OPEN_SET_FILE).read_text())
     assert (stored["score"], stored["knn_k"], stored["unknown_label"], stored["reject_rate"]) == \
         ("centroid", 2, "none of these", 0.2)
+    c = stored["calibration"]
+    assert (c["reference_rows"], c["max_reference_rows"], c["seed"]) == (50, 50, 7)
     # a damaged calibration is replaced, with the defaults
     (folder / OPEN_SET_FILE).write_text(json.dumps({**stored, "unexpected": 1}))
     with pytest.raises(UserError, match="unexpected"):
         metric_ds.load(folder, device="cpu").predict(["card"], reject=True)
     assert cli(["calibrate", "--model", str(folder), "--data", str(table)]) == 0
     assert json.loads((folder / OPEN_SET_FILE).read_text())["score"] == "knn"
+
+
+def test_calibration_rows_are_left_out_of_the_reference(calibrated, tmp_path):
+    """Calibrating on rows that are also reference rows (e.g. the training table): each would find itself at
+    similarity 1 and raise the knn threshold; they are left out of the reference and counted."""
+    from metric_ds.calibration import calibrate_model
+
+    model = metric_ds.load(calibrated, device="cpu")
+    rows = make_frame(40, seed=8).drop_duplicates("text")
+    others = make_frame(60, seed=9)
+    others = others[~others["text"].isin(set(rows["text"]))]
+    found = calibrate_model(model, rows, pd.concat([rows, others]), score="knn", reject_rate=0.1, knn_k=1,
+                            unknown_label="unknown", max_reference_rows=1000)
+    c = found.settings.calibration
+    assert (c["reference_rows_shared_with_data"], c["reference_rows"]) == (len(rows), len(others))
+    out = model.forward(rows["text"])
+    knn = scores(out["logits"], out["z"], found.reference, 1, which=("knn",))["knn"].numpy()  # rows excluded
+    assert found.settings.thresholds["knn"] == pytest.approx(by_hand_threshold(knn, 0.1), abs=1e-6)
 
 
 def test_calibrate_refuses_an_unknown_label_that_is_a_class(calibrated, tmp_path, capsys):
@@ -296,6 +321,8 @@ def test_evaluate_unknown_label_reports_open_intent_metrics(calibrated, tmp_path
     pd.concat([known, unknown]).to_parquet(table)
     with pytest.raises(UserError, match="--unknown-label"):
         evaluate(calibrated, table, device="cpu")
+    with pytest.raises(UserError, match="one of the model's classes"):
+        evaluate(calibrated, table, device="cpu", unknown_label="class_1")
     res = evaluate(calibrated, table, device="cpu", unknown_label="oos")
     os_res = res["open_set"]
     assert os_res["known_rows"] == 24 and os_res["unknown_rows"] == 12

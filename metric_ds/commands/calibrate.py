@@ -39,12 +39,14 @@ def _settings(args: argparse.Namespace, folder: Any, names: list[Any]) -> Simple
     except UserError:  # a damaged calibration is what this command replaces
         current = None
     values = {}
+    recorded = current.settings.calibration if current is not None else {}
     for key in SETTINGS:
         given = getattr(args, key)
         if key == "unknown_label":
             given = parse_label(given, names)
-        kept = getattr(current.settings, key, None) if current is not None else None
+        kept = getattr(current.settings, key, recorded.get(key)) if current is not None else None
         values[key] = given if given is not None else kept if kept is not None else schema_default(f"open_set.{key}")
+    values["seed"] = args.seed if args.seed is not None else recorded.get("seed", 0)
     return SimpleNamespace(**values)
 
 
@@ -66,9 +68,13 @@ def calibrate_command(args: argparse.Namespace) -> None:
     if missing:
         raise UserError(f"{args.data}: missing column(s) {', '.join(missing)}; it has {', '.join(map(str, val.columns))}")
     ref = validate_frame(read_table(reference), str(reference), allow_label_free=True)  # they place no class
-    found = calibrate_folder(folder, val, ref, settings, args.device, (str(args.data), str(reference)), args.seed)
+    found = calibrate_folder(folder, val, ref, settings, args.device, (str(args.data), str(reference)), settings.seed,
+                             args.batch_size)
     c = found.settings.calibration
     left = f" ({c['rows_left_out']} row(s) of other labels left out)" if c["rows_left_out"] else ""
+    if c["reference_rows_shared_with_data"]:
+        left += (f"; {c['reference_rows_shared_with_data']} reference row(s) with a calibration row's text left out "
+                 "of the reference")
     print(f"calibrated {folder} on {c['rows']} known-class row(s) of {args.data}{left}, against "
           f"{c['reference_rows']} reference row(s)")
     for name, value in found.settings.thresholds.items():
@@ -94,7 +100,9 @@ def register(sp: argparse.ArgumentParser) -> None:
         field = schema_field("open_set." + flag[2:].replace("-", "_"))
         add_field_argument(sp, flag, field, help=f"{what} ({kept}: {field.default})").default = None
     sp.add_argument("--unknown-label", default=None, help=f"what predict --reject answers ({kept}: 'unknown')")
-    sp.add_argument("--seed", type=int, default=0, help="the draw of reference rows beyond --max-reference-rows")
+    sp.add_argument("--seed", type=int, default=None,
+                    help=f"the draw of reference rows beyond --max-reference-rows ({kept}: 0)")
+    sp.add_argument("--batch-size", type=int, default=None, help="texts per forward pass")
     sp.add_argument("--device", default=None, help="cuda, cpu... (default: the GPU when there is one)")
     sp.set_defaults(fn=run)
 

@@ -45,6 +45,9 @@ def _encode(df: Any, label_map: LabelMap, source: str, unknown_label: Any = None
     "unknown", instead of an error."""
     df = df.copy()
     if unknown_label is not None:
+        if unknown_label in label_map:
+            raise UserError(f"--unknown-label {unknown_label!r} is one of the model's classes; name the out-of-scope "
+                            "rows with a label the model does not know")
         known = np.array([v in label_map and v != unknown_label for v in df["label"].tolist()], dtype=bool)
         df["label_id"] = label_map.num_classes
         df.loc[known, "label_id"] = label_map.encode(df["label"][known])
@@ -75,6 +78,7 @@ def open_set_results(folder: Path, out: dict[str, torch.Tensor], rows: torch.Ten
         "scores": {}}
     usable = [s for s in SCORES if s in calibrated.settings.thresholds and
               (s == "msp" or (calibrated.reference is not None and (s != "knn" or len(calibrated.reference.z))))]
+    found["skipped_scores"] = [s for s in SCORES if s not in usable]  # e.g. knn without reference.safetensors
     values = scores(logits, z, calibrated.reference, calibrated.settings.knn_k, tuple(usable), device)
     for name, v in values.items():
         found["scores"][name] = open_set_metrics(v.numpy(), closed.numpy(), labels.numpy(), num_classes,
@@ -173,7 +177,9 @@ def format_results(results: dict[str, Any]) -> str:
         rows.append((key, f"{100 * value:.2f}"))
     open_set = results.get("open_set")
     if open_set:
-        rows.append(("open set", f"{open_set['known_rows']} known, {open_set['unknown_rows']} unknown rows"))
+        skipped = f"; {', '.join(open_set['skipped_scores'])} skipped (no reference rows: metric-ds calibrate)" \
+            if open_set.get("skipped_scores") else ""
+        rows.append(("open set", f"{open_set['known_rows']} known, {open_set['unknown_rows']} unknown rows{skipped}"))
         for name, m in open_set["scores"].items():
             auroc = f", AUROC {100 * m['auroc']:.2f}, FPR@95TPR {100 * m['fpr_at_95_tpr']:.2f}" if "auroc" in m else ""
             rows.append((f"  {name}", f"acc {100 * m['accuracy']:.2f}, macro-F1 {100 * m['macro_f1']:.2f}, "

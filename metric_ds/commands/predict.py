@@ -100,11 +100,12 @@ def predict_command(args: argparse.Namespace) -> None:
     bank = model.bank_from_table(args.bank_data) if args.bank_data else None
     if bank is not None:
         knn_dtype = "Int64" if bank.label_map.to_json()["type"] == "int" else pd.StringDtype()
+    pred_dtype = label_dtype
     if args.reject:
         model.require_open_set().threshold(args.score)  # calibrated, with that score: before any work
         unknown = model.open_set.settings.unknown_label
         if isinstance(unknown, str) and label_dtype == "Int64":
-            label_dtype = pd.StringDtype()  # int labels and a text unknown label: the column holds text
+            pred_dtype = pd.StringDtype()  # int labels and a text unknown label: pred_label holds text
     elif args.score is not None:
         raise UserError("--score chooses the score of --reject; add --reject")
     k = min(args.top_k, model.label_map.num_classes)
@@ -113,7 +114,7 @@ def predict_command(args: argparse.Namespace) -> None:
         for chunk, ok, texts in job.chunks():
             new: dict[str, pd.Series] = {}
             pred = model.predict(texts, top_k=k, bar=bar, reject=args.reject, score=args.score)
-            new["pred_label"] = _fill(pred.labels, ok, label_dtype)
+            new["pred_label"] = _fill(pred.labels, ok, pred_dtype)
             new["pred_score"] = _fill(pred.scores, ok, "Float64")
             if args.reject:
                 new["in_scope_score"] = _fill(pred.in_scope_scores, ok, "Float64")
@@ -184,7 +185,8 @@ def register(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--bank-data", default=None, help="labelled table (text, label): add knn_label, a k-NN vote "
                     "(new classes too: add a few labelled rows of a class the model never saw)")
     sp.add_argument("--reject", action="store_true", help="answer the unknown label (open_set.json) for texts whose "
-                    "in-scope score is below the calibrated threshold, and add in_scope_score")
+                    "in-scope score is below the calibrated threshold, and add in_scope_score (pred_score stays the "
+                    "classifier's probability of its class)")
     sp.add_argument("--score", default=None, choices=list(SCORES),
                     help="the in-scope score of --reject (default: the model's, in open_set.json)")
     add_field_argument(sp, "--knn-k", schema_field("metric_validation.knn_k"))
