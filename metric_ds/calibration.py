@@ -19,7 +19,16 @@ from tqdm.auto import tqdm
 from metric_ds import distributed as D
 from metric_ds.errors import UserError
 from metric_ds.inference import LoadedModel, check_texts
-from metric_ds.open_set import CENTROID_DECIMALS, OpenSet, OpenSetFile, Reference, calibrate, save, scores
+from metric_ds.open_set import (
+    CENTROID_DECIMALS,
+    OpenSet,
+    OpenSetFile,
+    Reference,
+    calibrate,
+    known_mask,
+    save,
+    scores,
+)
 
 if TYPE_CHECKING:
     from metric_ds.config import Config
@@ -28,16 +37,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("metric_ds")
 
 
-def known_rows(labels: pd.Series, model: LoadedModel, unknown_label: Any) -> np.ndarray:
-    """Which rows are of a class the model knows (and not labelled ``unknown_label``)."""
-    return np.array([v in model.label_map and v != unknown_label for v in labels.tolist()], dtype=bool)
-
-
 def reference_rows(table: pd.DataFrame, model: LoadedModel, max_rows: int, seed: int) -> pd.DataFrame:
     """The table's rows the scores compare with: every row of a class the model knows (whatever its masks: a
     hand-checked label and a trusted cluster label both place a class; label-free rows have none), at most
     ``max_rows`` (a seeded draw, in table order)."""
-    table = table[known_rows(table["label"], model, None)]
+    table = table[known_mask(table["label"], model.label_map)]
     if len(table) > max_rows:
         keep = np.sort(np.random.default_rng(seed).choice(len(table), max_rows, replace=False))
         table = table.iloc[keep]
@@ -71,7 +75,7 @@ def calibrate_model(model: LoadedModel, val: pd.DataFrame, reference: pd.DataFra
     if unknown_label in model.label_map:
         raise UserError(f"unknown label {unknown_label!r} is one of the model's classes; pick another "
                         "(open_set.unknown_label, or --unknown-label)")
-    known = known_rows(val["label"], model, unknown_label)
+    known = known_mask(val["label"], model.label_map, unknown_label)
     if not known.any():
         raise UserError(f"{val_src}: no row is of a class the model knows; calibrate on the known classes' "
                         "validation rows")

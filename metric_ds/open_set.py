@@ -138,6 +138,12 @@ def knn_mean_similarity(queries: torch.Tensor, database: torch.Tensor, k: int, q
     return torch.cat(out) if out else torch.zeros(0, device=queries.device)
 
 
+def known_mask(labels: Any, label_map: Any, unknown_label: Any = None) -> np.ndarray:
+    """Which of ``labels`` are of a class ``label_map`` knows (and are not ``unknown_label``): the rows a threshold
+    may be chosen on, and the known rows of an open-set evaluation."""
+    return np.array([v in label_map and v != unknown_label for v in list(labels)], dtype=bool)
+
+
 def threshold_for(known_scores: torch.Tensor | np.ndarray, reject_rate: float) -> float:
     """The largest threshold that rejects (score < threshold) at most ``reject_rate`` of ``known_scores``.
 
@@ -218,6 +224,13 @@ class OpenSet:
         if ref is None:
             return self
         return OpenSet(self.settings, Reference(ref.z.to(device), ref.label_ids.to(device), ref.centroids.to(device)))
+
+    def usable_scores(self) -> list[str]:
+        """The scores this calibration can compute: those with a threshold; ``centroid`` needs the centroids,
+        ``knn`` the reference rows."""
+        ref = self.reference
+        return [s for s in SCORES if s in self.settings.thresholds
+                and (s == "msp" or (ref is not None and (s != "knn" or len(ref.z) > 0)))]
 
     def threshold(self, score: str | None = None) -> tuple[str, float]:
         """``(score, threshold)``: ``score``, or the folder's default."""

@@ -142,8 +142,8 @@ def score(draw: str, recipe: str, force: bool) -> None:
     run([PY, "-m", "metric_ds", "evaluate", "--model", best, "--data", paths["test"], "--unknown-label", UNKNOWN,
          "--output", out])
     ev = json.loads(out.read_text())
-    found = {"calibration": json.loads((best / "open_set.json").read_text())["calibration"],
-             "thresholds": json.loads((best / "open_set.json").read_text())["thresholds"],
+    calibration = json.loads((best / "open_set.json").read_text())
+    found = {"calibration": calibration["calibration"], "thresholds": calibration["thresholds"],
              "open_set": ev["open_set"], "closed_accuracy_known": ev["open_set"]["closed_accuracy_known"],
              "closed_macro_f1_known": ev.get("macro_f1")}
     if DRAWS[draw][0] == 0.75:

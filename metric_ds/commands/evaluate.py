@@ -32,7 +32,7 @@ from metric_ds.data.validation import validate_frame
 from metric_ds.encode import encode, pick_device
 from metric_ds.errors import UserError
 from metric_ds.metrics import accuracy, confusion_pairs, macro_f1, per_class_f1, retrieval_metrics
-from metric_ds.open_set import OPEN_SET_FILE, SCORES, open_set_metrics, scores
+from metric_ds.open_set import OPEN_SET_FILE, SCORES, known_mask, open_set_metrics, scores
 from metric_ds.open_set import read as read_open_set
 from metric_ds.outputs import write_output_text
 from metric_ds.preflight import check_max_seq_length
@@ -48,7 +48,7 @@ def _encode(df: Any, label_map: LabelMap, source: str, unknown_label: Any = None
         if unknown_label in label_map:
             raise UserError(f"--unknown-label {unknown_label!r} is one of the model's classes; name the out-of-scope "
                             "rows with a label the model does not know")
-        known = np.array([v in label_map and v != unknown_label for v in df["label"].tolist()], dtype=bool)
+        known = known_mask(df["label"], label_map, unknown_label)
         df["label_id"] = label_map.num_classes
         df.loc[known, "label_id"] = label_map.encode(df["label"][known])
         return df
@@ -76,8 +76,7 @@ def open_set_results(folder: Path, out: dict[str, torch.Tensor], rows: torch.Ten
         "default_score": calibrated.settings.score,
         "closed_accuracy_known": float(accuracy(labels[known], closed[known])) if known.any() else None,
         "scores": {}}
-    usable = [s for s in SCORES if s in calibrated.settings.thresholds and
-              (s == "msp" or (calibrated.reference is not None and (s != "knn" or len(calibrated.reference.z))))]
+    usable = calibrated.usable_scores()
     found["skipped_scores"] = [s for s in SCORES if s not in usable]  # e.g. knn without reference.safetensors
     values = scores(logits, z, calibrated.reference, calibrated.settings.knn_k, tuple(usable), device)
     for name, v in values.items():
