@@ -1,6 +1,6 @@
 """Shared fixtures and helpers: seeding, a tiny random BERT with the bundled MiniLM tokenizer, small synthetic
 tables, the one config builder of the tests (:func:`make_cfg`), in-process training (:func:`run`), its records, and
-launching training as processes (:func:`launch_env`, :func:`launch`). Test files import helpers from here only,
+launching training as processes (:func:`launch_env`, :func:`run_launcher`, :func:`launch`). Test files import helpers from here only,
 never from each other."""
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import random
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -188,8 +189,42 @@ def launch_env() -> dict[str, str]:
     launchers first on PATH."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
-    env.update(OMP_NUM_THREADS="1", PATH=f"{BIN}:{env.get('PATH', '')}")
+    # PYTHONFAULTHANDLER: a rank that dies of a native abort prints every thread's Python stack
+    env.update(OMP_NUM_THREADS="1", PATH=f"{BIN}:{env.get('PATH', '')}", PYTHONFAULTHANDLER="1")
     return env
+
+
+# A rank of a two-process gloo launch on CPU dies, rarely, with this line and SIGABRT (CI, 2026-12-05: before the
+# model loaded, while gloo connected the ranks; not reproduced in dozens of launches here); gloo turns an exception in its connection thread into std::terminate
+# (pytorch/gloo#162). It is not metric_ds's code: the launch is tried once more, and the first attempt's output is
+# kept in a warning (pytest -ra lists it) so that a cause can still be found.
+NATIVE_ABORT = "terminate called without an active exception"
+
+
+def run_launcher(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, **kwargs)`` of a multi-process launch (``--master_port P`` in ``cmd``), once more on a
+    fresh port when a rank died of :data:`NATIVE_ABORT`. A launch that fails otherwise, or twice, is returned as
+    it is. With ``stdout`` sent to a file the abort is looked for there."""
+    from metric_ds.distributed import free_port
+
+    def output(proc: subprocess.CompletedProcess) -> str:
+        if proc.stderr is not None or proc.stdout is not None:
+            return (proc.stdout or "") + (proc.stderr or "")
+        out = kwargs.get("stdout")
+        return Path(out.name).read_text(errors="replace") if hasattr(out, "name") else ""
+
+    proc = subprocess.run(cmd, **kwargs)
+    if proc.returncode != 0 and NATIVE_ABORT in output(proc):
+        warnings.warn(f"a rank died of {NATIVE_ABORT!r}; launching once more. First attempt:\n"
+                      f"{output(proc)[-3000:]}", stacklevel=2)
+        cmd = list(cmd)
+        if "--master_port" in cmd:
+            cmd[cmd.index("--master_port") + 1] = str(free_port())
+        if hasattr(kwargs.get("stdout"), "seek"):
+            kwargs["stdout"].seek(0)
+            kwargs["stdout"].truncate()
+        proc = subprocess.run(cmd, **kwargs)
+    return proc
 
 
 def launch(config: Path, world: int = 1, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -200,7 +235,7 @@ def launch(config: Path, world: int = 1, *extra: str, timeout: int = 600) -> sub
     entry = ["-m", "metric_ds.train", "--config", str(config), *extra]
     cmd = [sys.executable, *entry] if world == 1 else \
         [str(BIN / "torchrun"), "--nproc_per_node", str(world), "--master_port", str(free_port()), *entry]
-    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout)
+    proc = run_launcher(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 

@@ -4,13 +4,12 @@ Each case launches ``tests/dist_worker.py`` once alone and once under ``torchrun
 """
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import BIN, launch_env
+from conftest import BIN, launch_env, run_launcher
 
 from metric_ds.distributed import free_port
 
@@ -25,7 +24,7 @@ def launch(world: int, out: Path, model: Path, *extra: str) -> dict:
         cmd = [sys.executable, *args]
     else:
         cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(world), "--master_port", str(free_port()), *args]
-    proc = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=300)
+    proc = run_launcher(cmd, env=launch_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out, weights_only=True)
 

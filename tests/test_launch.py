@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
-from conftest import BIN, REPO, launch, launch_env, records
+from conftest import BIN, REPO, launch, launch_env, records, run_launcher
 
 from metric_ds.distributed import free_port
 
@@ -30,7 +32,7 @@ def check_run(tmp_path: Path, world: int) -> None:
 
 
 def run_ok(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout)
+    proc = run_launcher(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 
@@ -57,3 +59,26 @@ def test_two_nodes_simulated_on_one_machine(tmp_path, launch_config):
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, out[-2000:] + err[-4000:]
     check_run(tmp_path, 2)
+
+
+def test_run_launcher_retries_only_the_native_abort(tmp_path):
+    """A launch whose rank dies of the rare gloo abort runs once more on a fresh port, with a warning; any other
+    failure is returned as it is, untried."""
+    from conftest import NATIVE_ABORT
+
+    marker = tmp_path / "tried"
+    script = ("import os, sys, pathlib\n"
+              f"m = pathlib.Path({str(marker)!r})\n"
+              "if not m.exists():\n"
+              "    m.write_text(sys.argv[2])\n"
+              f"    sys.stderr.write({NATIVE_ABORT!r} + '\\n'); sys.stderr.flush(); os.abort()\n"
+              "print('second', sys.argv[2])\n")
+    with pytest.warns(UserWarning, match="launching once more"):
+        proc = run_launcher([sys.executable, "-c", script, "--master_port", "1"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("second ")
+    assert marker.read_text() == "1" and proc.stdout.split()[1] != "1"  # the retry got a fresh port
+
+    fail = [sys.executable, "-c", "import sys; sys.stderr.write('other failure'); sys.exit(3)", "--master_port", "1"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert run_launcher(fail, capture_output=True, text=True).returncode == 3

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import BIN, REPO, launch_env
+from conftest import BIN, REPO, launch_env, run_launcher
 
 from metric_ds.distributed import free_port
 from metric_ds.errors import UserError
@@ -80,7 +80,7 @@ def test_two_rank_training_log_file_has_no_redraws_or_duplicates(tmp_path, launc
     env = {k: v for k, v in launch_env().items() if k != "METRIC_DS_PROGRESS"}
     log = tmp_path / "train.log"
     with open(log, "w") as fh:
-        proc = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2",
+        proc = run_launcher([str(BIN / "torchrun"), "--nproc_per_node", "2",
                                "--master_port", str(free_port()), "-m", "metric_ds.train", "--config", str(launch_config)],
                               cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=600)
     text = log.read_text()
