@@ -6,6 +6,7 @@
 #   make demo-quick  a 2-minute version of the demo
 #   make cuda-check  build and link the CUDA op for sm_80, sm_90 and PTX into a temporary folder (no GPU needed)
 #   make gpu-wheels  download/build into .whl/ the Python 3.12 wheels a lent GPU machine lacks (for scripts/gpu_check.sh)
+#   make study-venv  .venv-study: .venv's packages plus the studies' peers (setfit), never a runtime dependency
 #
 # Overrides: TORCH_SPEC (default torch==2.14.1; set TORCH_SPEC=keep to keep a torch already in .venv),
 # PYTHON (the interpreter that creates .venv), BANKING77_DIR (default data/banking77, shipped in the repository).
@@ -27,7 +28,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-fast cuda-check demo demo-quick bench clean op gpu-wheels
+.PHONY: setup test test-fast cuda-check demo demo-quick bench clean op gpu-wheels study-venv
 
 setup: $(STAMP) op
 
@@ -71,6 +72,14 @@ bench: setup
 # fails over 40 MiB. benchmarks/README.md says how scripts/gpu_check.sh uses them.
 gpu-wheels: $(STAMP)
 	bash scripts/gpu_wheels.sh $(VPY)
+
+# The peers the studies compare with (benchmarks/studies/setfit_peer.py), kept out of .venv: .venv-study sees
+# .venv's packages (the same torch and transformers) through a .pth file and adds only what the peers need.
+STUDY_VENV := .venv-study
+study-venv: $(STAMP)
+	test -x $(STUDY_VENV)/bin/python || $(PYTHON) -m venv $(STUDY_VENV)
+	$(VPY) -c "import site; print(site.getsitepackages()[0])" > "$$($(STUDY_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/metric_ds_venv.pth"
+	$(STUDY_VENV)/bin/python -m pip install -q "setfit==1.2.0"
 
 clean:
 	rm -rf build *.egg-info metric_ds/*.so metric_ds/ops/*.so $(VENV)/.op-built
