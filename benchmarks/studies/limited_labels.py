@@ -117,24 +117,32 @@ def pseudo_label(inp: Path, gold: Path, out: Path, model: Path | None = None, ke
     return summary
 
 
-def train_eval(name: str, run_root: Path, train: Path, val: Path, test: Path, bank: Path, sets: list[str]) -> dict:
-    """Train with the recipe plus ``sets``, then evaluate ``best/`` once on test (k-NN against the labelled
-    training rows only)."""
+def score_on_test(run_dir: Path, test: Path, bank: Path) -> dict:
+    """Evaluate ``run_dir/best`` once on test (k-NN against the labelled training rows only)."""
+    ev_path = run_dir / "eval" / "test.json"
+    b77.run([b77.PY, "-m", "metric_ds", "evaluate", "--model", str(run_dir / "best"), "--data", str(test),
+             "--bank-data", str(bank), "--output", str(ev_path), "--max-seq-length", "64"])
+    ev = json.loads(ev_path.read_text())
+    return {"test_accuracy": ev.get("accuracy"), "test_macro_f1": ev.get("macro_f1"),
+            "test_knn_acc": ev.get("retrieval", {}).get("knn_acc")}
+
+
+def train_eval(name: str, run_root: Path, train: Path, val: Path, test: Path, bank: Path, sets: list[str],
+               on_test: bool = True) -> dict:
+    """Train with the recipe plus ``sets``, then (``on_test``) score ``best/`` once on test; a candidate of the
+    recipe search (``on_test=False``) is judged on validation alone."""
     run_dir = run_root / name
     all_sets = [f"run_name={name}", f"checkpointing.checkpoints_dir={run_root}", f"data.train_path={train}",
                 f"data.val_path={val}", *sets]
     start = time.time()
     b77.run([b77.PY, "-m", "metric_ds", "train", "--overwrite", "--config", CONFIG, *sum((["--set", s] for s in all_sets), [])])
     wall = time.time() - start
-    ev_path = run_dir / "eval" / "test.json"
-    b77.run([b77.PY, "-m", "metric_ds", "evaluate", "--model", str(run_dir / "best"), "--data", str(test),
-             "--bank-data", str(bank), "--output", str(ev_path), "--max-seq-length", "64"])
-    summary, ev = json.loads((run_dir / "summary.json").read_text()), json.loads(ev_path.read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
     by = next((x.split("=", 1)[1] for x in sets if x.startswith("checkpointing.save_best_by=")), "acc")
-    return {"overrides": all_sets, "train_wall_s": round(wall, 1), "steps": summary["steps"],
-            "best_step": summary["best_step"], "checkpoint_by": by, f"val_{by}": summary["best_value"],
-            "test_accuracy": ev.get("accuracy"), "test_macro_f1": ev.get("macro_f1"),
-            "test_knn_acc": ev.get("retrieval", {}).get("knn_acc")}
+    result = {"overrides": all_sets, "run_dir": str(run_dir), "train_wall_s": round(wall, 1),
+              "steps": summary["steps"], "best_step": summary["best_step"], "checkpoint_by": by,
+              f"val_{by}": summary["best_value"]}
+    return result | (score_on_test(run_dir, test, bank) if on_test else {})
 
 
 def setfit_row(train: Path, test: Path, seed: int, out: Path) -> dict:
@@ -148,9 +156,11 @@ def setfit_row(train: Path, test: Path, seed: int, out: Path) -> dict:
 
 
 def run_row(row: str, k: int, seed: int, data_dir: Path, max_steps: int | None = None,
-            checkpoint_by: str = "acc") -> dict:
+            checkpoint_by: str = "acc", candidate: str | None = None) -> dict:
     """Train and test one row. ``checkpoint_by="loss"``: the variant that keeps the checkpoint of least validation
-    loss (run ``ROW_byloss``; row d then re-embeds with ``c_byloss``'s model)."""
+    loss (run ``ROW_byloss``; row d then re-embeds with ``c_byloss``'s model). ``candidate`` (``KEY=VALUE``, a
+    config override): a candidate of the recipe search, trained and judged on validation only (run
+    ``ROW~KEY=VALUE``; its test score is read only if the search chooses it)."""
     out = WORK / f"k{k}_draw{seed}"
     paths = draw(data_dir, k, seed, out)
     _, test = b77.prepare(data_dir, "", [], 42)
@@ -159,6 +169,13 @@ def run_row(row: str, k: int, seed: int, data_dir: Path, max_steps: int | None =
     seed_set = [f"training.seed={seed}"] + ([f"training.max_steps={max_steps}"] if max_steps else [])
     if suffix:
         seed_set.append(f"checkpointing.save_best_by={checkpoint_by}")
+    if candidate:
+        if row in ("d", "g2", "h"):
+            raise SystemExit(f"the recipe search trains rows a, b, c, e and g, not {row}")
+        key, value = candidate.split("=", 1)
+        suffix += f"-{key.split('.')[-1]}-{value}"  # the run folder: letters, digits, '.', '_', '-'
+        seed_set.append(candidate)
+        common["on_test"] = False
     if row == "h":
         return setfit_row(paths["labelled"], test, seed, out / "runs" / "h")
     if row in ("a", "e"):
@@ -234,7 +251,7 @@ def render(results: dict) -> str:
              "(coverage) | est. precision | true precision | steps | train wall |",
              "| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     keys = sorted({tuple(key.split("/")[:2]) for key in results if not key.startswith("_")})
-    variants = sorted(key for key in results if "@" in key)
+    variants = sorted(key for key in results if "@" in key and "~" not in key)
     for kk, dd in keys or [("k10", "draw0")]:
         for row, desc in ROWS.items():
             if row == "f":
@@ -285,6 +302,22 @@ def render(results: dict) -> str:
             diff = f"{100 * (v['test_accuracy'] - base['test_accuracy']):+.2f}" if base else ""
             lines.append(f"| {kk[1:]} | {dd[4:]} | {row} | {was} | {v['best_step']}, {pct(v['test_accuracy'])} "
                          f"| {diff} |")
+    searches = sorted(key for key in results if key.endswith("~search"))
+    if searches:
+        lines += ["", "## Recipe search on validation", "",
+                  "`--tune KEY=VALUE ...`: each candidate trained once more and judged on the validation table alone; "
+                  "only the chosen one is scored on test (a tie keeps the row as it is).", "",
+                  "| k | draw | row | candidate | validation | test acc |", "| ---: | ---: | --- | --- | ---: | ---: |"]
+        for skey in searches:
+            search = results[skey]
+            kk, dd, row = skey.split("~")[0].split("@")[0].split("/")
+            for cand in search["candidates"]:
+                r = results.get(cand, {})
+                label = cand.split("~")[1] if "~" in cand else "as it is"
+                mark = " (chosen)" if cand == search["chosen"] else ""
+                test_acc = pct(r.get("test_accuracy")) if cand == search["chosen"] else "not read"
+                lines.append(f"| {kk[1:]} | {dd[4:]} | {row} | {label}{mark} | {pct(r.get(search['criterion']))} "
+                             f"| {test_acc} |")
     lines += ["", "## Against the targets", ""]
     for kk, dd in keys:
         g = lambda row: (results.get(f"{kk}/{dd}/{row}") or {}).get("test_accuracy")  # noqa: E731
@@ -366,6 +399,31 @@ def save(result: dict | None, key: str | None, extra: dict | None = None) -> dic
     return results
 
 
+def tune(results: dict, key: str, row: str, k: int, seed: int, data_dir: Path, args: argparse.Namespace) -> dict:
+    """The recipe search for one row of one draw: each ``args.tune`` override is trained and judged on
+    validation only (``KEY~OVERRIDE``, no test score); the best validation accuracy among them and the row as it
+    is wins, and only a winning candidate is then scored on test, once. Records ``KEY~search``."""
+    if key not in results:
+        raise SystemExit(f"the search compares with {key} as it is: run that row first")
+    for candidate in args.tune:
+        cand_key = f"{key}~{candidate}"
+        if cand_key not in results or args.force:
+            results = save(run_row(row, k, seed, data_dir, args.max_steps, args.checkpoint_by, candidate), cand_key)
+    by = f"val_{args.checkpoint_by}"
+    better = (lambda a, b: a < b) if args.checkpoint_by == "loss" else (lambda a, b: a > b)  # noqa: E731
+    chosen = key
+    for candidate in args.tune:  # strictly better only: a tie keeps the row as it is
+        if better(results[f"{key}~{candidate}"][by], results[chosen][by]):
+            chosen = f"{key}~{candidate}"
+    if chosen != key and "test_accuracy" not in results[chosen]:
+        r = results[chosen]
+        paths = draw(data_dir, k, seed, WORK / f"k{k}_draw{seed}")
+        _, test = b77.prepare(data_dir, "", [], 42)
+        results = save(r | score_on_test(Path(r["run_dir"]), test, paths["labelled"]), chosen)
+    search = {"candidates": [key] + [f"{key}~{c}" for c in args.tune], "criterion": by, "chosen": chosen}
+    return save(search, f"{key}~search")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--k", type=int, nargs="+", default=[10, 5])
@@ -378,6 +436,10 @@ def main() -> None:
     p.add_argument("--checkpoint-by", choices=["acc", "loss"], default="acc",
                    help="acc: the recipe (best validation accuracy); loss: the variant keyed ROW@loss, "
                         "checkpoint of least validation loss")
+    p.add_argument("--tune", nargs="+", metavar="KEY=VALUE", default=None,
+                   help="the recipe search: train ROWS once more with each config override, judge every candidate "
+                        "and the row as it is on validation accuracy alone, and score only the chosen one on test "
+                        "(ties keep the row as it is)")
     args = p.parse_args()
     data_dir = b77.DATA
     results = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
@@ -394,6 +456,9 @@ def main() -> None:
         for seed in args.draws:
             for row in args.rows:
                 key = f"k{k}/draw{seed}/{row}" + ("" if args.checkpoint_by == "acc" else f"@{args.checkpoint_by}")
+                if args.tune:
+                    results = tune(results, key, row, k, seed, data_dir, args)
+                    continue
                 if key in results and not args.force:
                     continue
                 # rows b, c, d, g and g2 (re)write pseudo-label tables; a, e and h leave the summary as it was
