@@ -1,7 +1,7 @@
 """Shared fixtures and helpers: seeding, a tiny random BERT with the bundled MiniLM tokenizer, small synthetic
 tables, the one config builder of the tests (:func:`make_cfg`), in-process training (:func:`run`), its records, and
-launching training as processes (:func:`launch_env`, :func:`run_launcher`, :func:`launch`). Test files import helpers from here only,
-never from each other."""
+launching training as processes (:func:`launch_env`, :func:`run_launcher`, :func:`launch`). Test files import
+helpers from here only, never from each other."""
 from __future__ import annotations
 
 import json
@@ -195,9 +195,10 @@ def launch_env() -> dict[str, str]:
 
 
 # A rank of a two-process gloo launch on CPU dies, rarely, with this line and SIGABRT (CI, 2026-12-05: before the
-# model loaded, while gloo connected the ranks; not reproduced in dozens of launches here); gloo turns an exception in its connection thread into std::terminate
-# (pytorch/gloo#162). It is not metric_ds's code: the launch is tried once more, and the first attempt's output is
-# kept in a warning (pytest -ra lists it) so that a cause can still be found.
+# model loaded, while gloo connected the ranks; not reproduced in dozens of launches here). Gloo turns an exception
+# in its connection thread into std::terminate (pytorch/gloo#162). It is not metric_ds's code: the launch is tried
+# once more, and the first attempt's output is kept in a warning (pytest -ra lists it) so that a cause can still be
+# found.
 NATIVE_ABORT = "terminate called without an active exception"
 
 

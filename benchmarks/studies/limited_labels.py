@@ -363,10 +363,10 @@ def label_free_and_peer_lines(results: dict, kk: str, dd: str) -> list[str]:
             # the user's whole time: every round's pseudo-labelling (where measured) and training
             wall = sum(x["train_wall_s"] + (x.get("pseudo_label_wall_s") or 0) for x in (r, r1) if x)
             diff = 100 * (r["test_accuracy"] - h["test_accuracy"])
-            both = diff > 0 and wall < h["train_wall_s"]
+            verdict = "beats SetFit on both" if diff > 0 and wall < h["train_wall_s"] else "does not beat SetFit on both"
             out.append(f"- {kk}, {dd}: ({name}) against SetFit (h): accuracy {100 * r['test_accuracy']:.2f} vs "
                        f"{100 * h['test_accuracy']:.2f} ({diff:+.2f}); time {wall / 60:.1f} vs "
-                       f"{h['train_wall_s'] / 60:.1f} min ({'beats SetFit on both' if both else 'does not beat SetFit on both'}).")
+                       f"{h['train_wall_s'] / 60:.1f} min ({verdict}).")
     return out
 
 
