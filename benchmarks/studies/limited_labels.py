@@ -306,7 +306,8 @@ def render(results: dict) -> str:
     if searches:
         lines += ["", "## Recipe search on validation", "",
                   "`--tune KEY=VALUE ...`: each candidate trained once more and judged on the validation table alone; "
-                  "only the chosen one is scored on test (a tie keeps the row as it is).", "",
+                  "only the chosen one is scored on test (a tie keeps the earlier: the row as it is, then the order "
+                  "given).", "",
                   "| k | draw | row | candidate | validation | test acc |", "| ---: | ---: | --- | --- | ---: | ---: |"]
         for skey in searches:
             search = results[skey]
@@ -356,14 +357,15 @@ def label_free_and_peer_lines(results: dict, kk: str, dd: str) -> list[str]:
         if c is not None:
             out.append(f"- {kk}, {dd}: what the label-free rows add, (g) - (c): {acc - 100 * c['test_accuracy']:+.2f}.")
     if h is not None:
-        for name, first in (("c", None), ("d", "c"), ("g", None), ("g2", "g")):
+        for name, first in (("a", None), ("c", None), ("d", "c"), ("g", None), ("g2", "g")):
             r, r1 = row(name), row(first) if first else None
             if r is None or (first and r1 is None):
                 continue
             # the user's whole time: every round's pseudo-labelling (where measured) and training
             wall = sum(x["train_wall_s"] + (x.get("pseudo_label_wall_s") or 0) for x in (r, r1) if x)
             diff = 100 * (r["test_accuracy"] - h["test_accuracy"])
-            verdict = "beats SetFit on both" if diff > 0 and wall < h["train_wall_s"] else "does not beat SetFit on both"
+            both = diff > 0 and wall < h["train_wall_s"]
+            verdict = "beats SetFit on both" if both else "does not beat SetFit on both"
             out.append(f"- {kk}, {dd}: ({name}) against SetFit (h): accuracy {100 * r['test_accuracy']:.2f} vs "
                        f"{100 * h['test_accuracy']:.2f} ({diff:+.2f}); time {wall / 60:.1f} vs "
                        f"{h['train_wall_s'] / 60:.1f} min ({verdict}).")
@@ -439,7 +441,7 @@ def main() -> None:
     p.add_argument("--tune", nargs="+", metavar="KEY=VALUE", default=None,
                    help="the recipe search: train ROWS once more with each config override, judge every candidate "
                         "and the row as it is on validation accuracy alone, and score only the chosen one on test "
-                        "(ties keep the row as it is)")
+                        "(a tie keeps the earlier: the row as it is, then the order given)")
     args = p.parse_args()
     data_dir = b77.DATA
     results = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
