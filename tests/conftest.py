@@ -215,9 +215,10 @@ def run_launcher(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
         return Path(out.name).read_text(errors="replace") if hasattr(out, "name") else ""
 
     proc = subprocess.run(cmd, **kwargs)
-    if proc.returncode != 0 and NATIVE_ABORT in output(proc):
-        warnings.warn(f"a rank died of {NATIVE_ABORT!r}; launching once more. First attempt:\n"
-                      f"{output(proc)[-3000:]}", stacklevel=2)
+    if proc.returncode != 0 and NATIVE_ABORT in (text := output(proc)):
+        # from the abort on: the Python stacks of the dying rank (PYTHONFAULTHANDLER) come right after it
+        warnings.warn(f"a rank died of {NATIVE_ABORT!r}; launching once more. First attempt, from the abort:\n"
+                      f"{text[text.index(NATIVE_ABORT):][:8000]}", stacklevel=2)
         cmd = list(cmd)
         if "--master_port" in cmd:
             cmd[cmd.index("--master_port") + 1] = str(free_port())
