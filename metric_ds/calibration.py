@@ -20,7 +20,6 @@ from metric_ds import distributed as D
 from metric_ds.errors import UserError
 from metric_ds.inference import LoadedModel, check_texts
 from metric_ds.open_set import (
-    CENTROID_DECIMALS,
     OpenSet,
     OpenSetFile,
     Reference,
@@ -28,6 +27,7 @@ from metric_ds.open_set import (
     known_mask,
     save,
     scores,
+    stored_centroids,
 )
 
 if TYPE_CHECKING:
@@ -95,7 +95,7 @@ def calibrate_model(model: LoadedModel, val: pd.DataFrame, reference: pd.DataFra
     settings = OpenSetFile(
         score=score, thresholds=calibrate(known_scores, reject_rate), reject_rate=reject_rate, knn_k=knn_k,
         unknown_label=unknown_label,
-        centroids=[[round(v, CENTROID_DECIMALS) for v in row] for row in reference_set.centroids.tolist()],
+        centroids=stored_centroids(reference_set.centroids),
         calibration={"data": val_src, "rows": int(known.sum()), "rows_left_out": int((~known).sum()),
                      "reference": ref_src, "reference_rows": len(ref),
                      "reference_rows_shared_with_data": int(shared.sum()),

@@ -78,9 +78,13 @@ class Reference:
         z = torch.nn.functional.normalize(z.float(), dim=1).half().float()
         sums = torch.zeros(num_classes, z.shape[1], dtype=torch.float32).index_add_(0, label_ids.long(), z)
         # rounded as open_set.json stores them (decimal floats), so that the calibrated scores are a reader's
-        unit = torch.nn.functional.normalize(sums, dim=1).tolist()
-        centroids = torch.tensor([[round(v, CENTROID_DECIMALS) for v in row] for row in unit], dtype=torch.float32)
+        centroids = torch.tensor(stored_centroids(torch.nn.functional.normalize(sums, dim=1)), dtype=torch.float32)
         return cls(z=z, label_ids=label_ids.long(), centroids=centroids)
+
+
+def stored_centroids(centroids: torch.Tensor) -> list[list[float]]:
+    """``centroids`` as ``open_set.json`` stores them: decimal floats of :data:`CENTROID_DECIMALS` places."""
+    return [[round(v, CENTROID_DECIMALS) for v in row] for row in centroids.tolist()]
 
 
 def scores(logits: torch.Tensor, z: torch.Tensor, reference: Reference | None, knn_k: int,
