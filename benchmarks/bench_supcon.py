@@ -68,22 +68,34 @@ def run_case(case: dict) -> list[dict]:
         mem_before = harness.rss_bytes()
 
     if case["provider"] == "gemm_bound":
-        # The same flops as B x B x d twice, in row blocks of at most 8192 so that large B needs no B x B matrix.
-        zt = z0.t().contiguous()
-        blocks = [z0[i:i + 8192] for i in range(0, b, 8192)]
-        sims = [blk @ zt for blk in blocks] if b <= 8192 else None
+        # The same flops as B x B x d twice, in row blocks of at most 8192 so that large B needs no B x B matrix,
+        # with the fused op's own operands and outputs (csrc/supcon/supcon_loop.cpp, gemm and weight_type): z as
+        # it is and fp32 out on CUDA (tensor cores for bf16/fp16), fp32 on the CPU (which upcasts at the GEMM);
+        # the gradient GEMM's weights in bf16 for bf16 input, fp32 otherwise.
+        zs = z0 if device == "cuda" else z0.float()
+        zw = z0 if device == "cuda" and dtype == torch.bfloat16 else z0.float()
+        zt = zs.t().contiguous()
+        blocks = [zs[i:i + 8192] for i in range(0, b, 8192)]
+
+        def sim(blk):
+            return torch.mm(blk, zt, out_dtype=torch.float32) if blk.dtype != torch.float32 else blk @ zt
+
+        def grad(s):
+            return torch.mm(s.to(zw.dtype), zw, out_dtype=torch.float32) if zw.dtype != torch.float32 else s @ zw
+
+        sims = [sim(blk) for blk in blocks] if b <= 8192 else None
 
         def fwd():
             for blk in blocks:
-                blk @ zt
+                sim(blk)
 
         def bwd():
             for k, blk in enumerate(blocks):
-                (sims[k] if sims is not None else blk @ zt) @ z0
+                grad(sims[k] if sims is not None else sim(blk))
 
         def both():
             for blk in blocks:
-                (blk @ zt) @ z0
+                grad(sim(blk))
 
         steps = {"forward": fwd, "backward": bwd, "full": both}
         full = both

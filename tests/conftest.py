@@ -184,6 +184,16 @@ def tmpfs(path: Path, size: str = "1m") -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+def aten_calls(fn) -> list[tuple[str, list, list]]:
+    """The ATen calls ``fn()`` makes, C++ callers included (a custom op's own matmuls and copies), as
+    ``(name, input shapes, input dtypes)``, in order. ``aten::copy_``'s dtypes are (destination, source)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    return [(e.name(), e.shapes(), e.dtypes()) for e in prof.profiler.kineto_results.events()]
+
+
 def launch_env() -> dict[str, str]:
     """The environment of a launched training: no inherited rank variables, one thread per process, the venv's
     launchers first on PATH."""

@@ -108,3 +108,28 @@ def test_num_classes_gives_the_same_result(dtype):
     assert_matches(given, plain, DTYPES[dtype], "num_classes=12 against remapped labels")
     sliced = fused(z, y, 0.1, 5, b // 2, upstream=1.0, num_classes=20)  # unused classes are fine
     assert_matches(sliced, fused(z, y, 0.1, 5, b // 2, upstream=1.0), DTYPES[dtype], "num_classes with a slice")
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="tensor-core GEMMs are CUDA's (the CPU upcasts at the GEMM: "
+                    "test_supcon_op.py::test_low_precision_gemm_operands checks the loop's side)")
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_tile_gemms_read_the_input_dtype(monkeypatch, dtype):
+    """On CUDA every similarity GEMM reads z as it is (bf16/fp16: tensor cores, fp32 output), the gradient GEMMs
+    read bf16 weights for bf16 input (fp32 for fp16), and no tile operand is upcast on the way."""
+    from conftest import aten_calls
+
+    monkeypatch.setenv("METRIC_DS_SUPCON_TILE", "64")
+    b, d = 200, 48
+    z, y = make(b, d, 7, DTYPES[dtype])
+    low = {"bf16": "c10::BFloat16", "fp16": "c10::Half"}[dtype]
+    calls = aten_calls(lambda: fused(z, y, 0.1, 0, b, upstream=1.0))
+    mms = [(shapes, types[:2]) for name, shapes, types in calls if name == "aten::mm"]
+    similarity = [types for shapes, types in mms if shapes[0][1] == d]
+    gradient = [types for shapes, types in mms if shapes[0][1] != d]
+    assert similarity and gradient, mms
+    assert all(t == [low, low] for t in similarity), similarity
+    weights = low if dtype == "bf16" else "float"
+    assert all(t[0] == weights for t in gradient), gradient
+    upcast = [shapes for name, shapes, types in calls
+              if name == "aten::copy_" and types[:2] == ["float", low] and shapes[1][0] <= 64]
+    assert not upcast, f"tile operands upcast to fp32: {upcast}"

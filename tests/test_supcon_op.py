@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import metric_ds.ops as ops
+from conftest import aten_calls
 from metric_ds.errors import EnvironmentProblem
 from metric_ds.ops import SupConLoss, op_status, supcon_loss, supcon_loss_reference
 
@@ -146,6 +147,46 @@ def test_low_precision_within_twice_reference_error(dtype):
         fused_err = float((fused_low[k].float() - truth[k]).abs().max())
         assert fused_err <= 2 * ref_err + 1e-6, (k, fused_err, ref_err)
     assert fused_low[1].dtype == dtype
+
+
+@needs_fused_cpu
+def test_symmetric_tiles_are_read_in_place(monkeypatch):
+    """S_JI = S_IJ^T: an off-diagonal tile's columns serve the column block's rows where they lie (the epilogues'
+    col_stats), with no transposed copy of the tile: 4 x 4 tiles copy no more than one tile does."""
+    z, y = make(256, 16, "9")
+
+    def copies(tile):
+        monkeypatch.setenv("METRIC_DS_SUPCON_TILE", str(tile))
+        calls = aten_calls(lambda: torch.ops.metric_ds.supcon_fwd(z, y, 0.1, 0, 256))
+        return [(name, shapes) for name, shapes, _ in calls if name in ("aten::clone", "aten::copy_")]
+
+    assert copies(64) == copies(256)
+
+
+@needs_fused_cpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_gemm_operands(monkeypatch, dtype):
+    """The tile loop gives its GEMMs z in its own dtype, and, for bf16, the gradient weights G rounded to bf16
+    (fp16 keeps them in fp32: they underflow its range), as it does on CUDA, where such a GEMM runs on tensor cores
+    with fp32 accumulation and output. The CPU has no such GEMM: it upcasts each operand at the GEMM, which shows
+    here as copies from z's dtype of tile-sized operands (none of the whole z feed a GEMM)."""
+    monkeypatch.setenv("METRIC_DS_SUPCON_TILE", "32")
+    m, d, tile = 96, 16, 32  # 3 row blocks: 6 tile pairs in the symmetric loop
+    z, y = make(m, d, "5", dtype=dtype)
+    low = {torch.bfloat16: "c10::BFloat16", torch.float16: "c10::Half"}[dtype]
+    ops.fused.ensure_loaded()
+    _, lse, num_pos = torch.ops.metric_ds.supcon_fwd(z, y, 0.1, 0, m)
+
+    def upcasts(calls, shape):
+        return sum(1 for name, shapes, types in calls
+                   if name == "aten::copy_" and types[:2] == ["float", low] and shapes[1] == shape)
+
+    fwd = aten_calls(lambda: torch.ops.metric_ds.supcon_fwd(z, y, 0.1, 0, m))
+    assert upcasts(fwd, [tile, d]) == 6 and upcasts(fwd, [d, tile]) == 6  # both operands of each S tile
+    bwd = aten_calls(lambda: torch.ops.metric_ds.supcon_bwd(torch.ones(m), z, y, lse, num_pos, 0.1, 0, m))
+    weights_rounded = sum(1 for name, shapes, types in bwd
+                          if name == "aten::copy_" and types[:2] == [low, "float"] and shapes[0] == [tile, tile])
+    assert weights_rounded == (6 if dtype == torch.bfloat16 else 0)
 
 
 @needs_fused_cpu

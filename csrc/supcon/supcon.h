@@ -2,7 +2,8 @@
 //
 // The maths is documented once, in metric_ds/ops/reference.py. This op computes exactly that loss without
 // materialising the (anchors x m) similarity matrix: one tile loop (supcon_loop.cpp), shared by CPU and CUDA,
-// computes similarity tiles with ATen matmul and hands each tile to small device-specific epilogues
+// computes similarity tiles with ATen matmul (operands in z's own dtype, fp32 accumulation and output: tensor
+// cores for bf16/fp16 on CUDA) and hands each tile to small device-specific epilogues
 // (supcon_cpu.cpp, supcon_cuda.cu) that update per-row statistics (forward) or turn the tile into gradient
 // weights (backward). When the anchors are the whole contrast set, S_IJ = S_JI^T lets one tile serve both
 // row blocks, so forward + backward cost two B x B x d matmuls in total.
@@ -19,19 +20,24 @@
 
 namespace metric_ds {
 
-// Per-device epilogues. Tiles are fp32 (fp64 for fp64 inputs), contiguous, row-major, already scaled by
-// 1/temperature. `self_offset`: row i's own column inside the tile is i + self_offset (none outside [0, tj)).
+// Per-device epilogues. Tiles hold raw dot products z_i . z_j in the accumulation type (fp32, fp64 for fp64
+// inputs), contiguous, row-major; `scale` (1/temperature) turns them into logits as they are read. `self_offset`:
+// row i's own column inside the tile is i + self_offset (none outside [0, tj)).
 // Positives never reach the tiles: sum_{p in P(i)} S_ip = z_i . (class sum of y_i - z_i) / tau is computed from
 // per-class sums in O(m d), and likewise the positive part of the gradient.
 struct Epilogues {
   // Online log-sum-exp over j != self of the tile's rows: merge the tile's row max and sum of exp into
   // (run_max, run_sum).
-  void (*row_stats)(const at::Tensor& tile, int64_t self_offset, at::Tensor& run_max, at::Tensor& run_sum);
+  void (*row_stats)(const at::Tensor& tile, double scale, int64_t self_offset, at::Tensor& run_max,
+                    at::Tensor& run_sum);
+  // The same for the tile's columns (the symmetric case's S_JI = S_IJ^T, read in place; an off-diagonal tile,
+  // so no self entries).
+  void (*col_stats)(const at::Tensor& tile, double scale, at::Tensor& run_max, at::Tensor& run_sum);
   // In place: tile[i][j] = coef_i * exp(S_ij - lse_i), plus, when column statistics are given (the symmetric
   // case), coef_j * exp(S_ij - lse_j); self entries become 0. coef = upstream gradient, 0 for anchors without
   // positives.
-  void (*grad_tile)(at::Tensor& tile, int64_t self_offset, const at::Tensor& lse_rows, const at::Tensor& coef_rows,
-                    const at::Tensor* lse_cols, const at::Tensor* coef_cols);
+  void (*grad_tile)(at::Tensor& tile, double scale, int64_t self_offset, const at::Tensor& lse_rows,
+                    const at::Tensor& coef_rows, const at::Tensor* lse_cols, const at::Tensor* coef_cols);
 };
 
 // Tile width (rows and columns of a similarity tile); METRIC_DS_SUPCON_TILE overrides it.

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <vector>
 
 #include "fast_exp.h"
 #include "supcon.h"
@@ -13,9 +14,25 @@ namespace {
 
 // Per-row-range kernels. The bodies are always inlined into the wrappers below, which GCC clones for AVX-512,
 // AVX2 and baseline x86-64 and picks at load time: one portable .so with wide SIMD where the CPU has it.
+// Merge a tile's (max, sum of exp) of one row or column into the running online log-sum-exp.
+template <typename T>
+__attribute__((always_inline)) inline void merge_lse(T tmax, T tsum, T& run_max, T& run_sum) {
+  const T old = run_max;
+  if (old == -std::numeric_limits<T>::infinity()) {
+    run_max = tmax;
+    run_sum = tsum;
+  } else {
+    const T m = old > tmax ? old : tmax;
+    run_sum = run_sum * fast_exp(old - m) + tsum * fast_exp(tmax - m);
+    run_max = m;
+  }
+}
+
+// Tiles hold dot products; logits are dot products times `scale` (> 0), so a row's largest logit is its largest
+// dot product times scale.
 template <typename T>
 __attribute__((always_inline)) inline void row_stats_rows(int64_t begin, int64_t end, const T* s, int64_t tj,
-                                                          int64_t self_offset, T* mx, T* sm) {
+                                                          T scale, int64_t self_offset, T* mx, T* sm) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   for (int64_t i = begin; i < end; ++i) {
     const T* row = s + i * tj;
@@ -29,21 +46,40 @@ __attribute__((always_inline)) inline void row_stats_rows(int64_t begin, int64_t
     if (tmax == kNegInf) continue;  // no entry besides the anchor itself in this tile
     T tsum = 0;
 #pragma omp simd reduction(+ : tsum)
-    for (int64_t j = 0; j < tj; ++j) tsum += fast_exp(row[j] - tmax) * static_cast<T>(j != self);  // mask, no branch
-    const T old = mx[i];  // merge the tile's (max, sum) into the running online log-sum-exp
-    if (old == kNegInf) {
-      mx[i] = tmax;
-      sm[i] = tsum;
-    } else {
-      const T m = old > tmax ? old : tmax;
-      sm[i] = sm[i] * fast_exp(old - m) + tsum * fast_exp(tmax - m);
-      mx[i] = m;
+    for (int64_t j = 0; j < tj; ++j) {
+      tsum += fast_exp((row[j] - tmax) * scale) * static_cast<T>(j != self);  // mask, no branch
     }
+    merge_lse(tmax * scale, tsum, mx[i], sm[i]);
+  }
+}
+
+// Columns [begin, end) of an off-diagonal tile (no self entries): two passes down the rows, each vectorised
+// along the row, with per-column accumulators in `cmax`/`csum` (end - begin entries each).
+template <typename T>
+__attribute__((always_inline)) inline void col_stats_cols(int64_t begin, int64_t end, const T* s, int64_t ti,
+                                                          int64_t tj, T scale, T* mx, T* sm, T* cmax, T* csum) {
+  const int64_t w = end - begin;
+  for (int64_t c = 0; c < w; ++c) {
+    cmax[c] = -std::numeric_limits<T>::infinity();
+    csum[c] = 0;
+  }
+  for (int64_t i = 0; i < ti; ++i) {
+    const T* row = s + i * tj + begin;
+#pragma omp simd
+    for (int64_t c = 0; c < w; ++c) cmax[c] = row[c] > cmax[c] ? row[c] : cmax[c];
+  }
+  for (int64_t i = 0; i < ti; ++i) {
+    const T* row = s + i * tj + begin;
+#pragma omp simd
+    for (int64_t c = 0; c < w; ++c) csum[c] += fast_exp((row[c] - cmax[c]) * scale);
+  }
+  for (int64_t c = 0; c < w; ++c) {
+    if (ti > 0) merge_lse(cmax[c] * scale, csum[c], mx[begin + c], sm[begin + c]);
   }
 }
 
 template <typename T>
-__attribute__((always_inline)) inline void grad_rows(int64_t begin, int64_t end, T* s, int64_t tj,
+__attribute__((always_inline)) inline void grad_rows(int64_t begin, int64_t end, T* s, int64_t tj, T scale,
                                                      int64_t self_offset, const T* lse_r, const T* coef_r,
                                                      const T* lse_c, const T* coef_c) {
   for (int64_t i = begin; i < end; ++i) {
@@ -52,12 +88,12 @@ __attribute__((always_inline)) inline void grad_rows(int64_t begin, int64_t end,
     if (lse_c != nullptr) {
 #pragma omp simd
       for (int64_t j = 0; j < tj; ++j) {
-        const T v = row[j];
+        const T v = row[j] * scale;
         row[j] = coef_i * fast_exp(v - lse_i) + coef_c[j] * fast_exp(v - lse_c[j]);
       }
     } else {
 #pragma omp simd
-      for (int64_t j = 0; j < tj; ++j) row[j] = coef_i * fast_exp(row[j] - lse_i);
+      for (int64_t j = 0; j < tj; ++j) row[j] = coef_i * fast_exp(row[j] * scale - lse_i);
     }
     const int64_t self = i + self_offset;
     if (self >= 0 && self < tj) row[self] = 0;
@@ -70,38 +106,59 @@ __attribute__((always_inline)) inline void grad_rows(int64_t begin, int64_t end,
 #define MDS_SIMD_CLONES
 #endif
 
-MDS_SIMD_CLONES void row_stats_f32(int64_t b, int64_t e, const float* s, int64_t tj, int64_t off, float* mx,
-                                   float* sm) {
-  row_stats_rows<float>(b, e, s, tj, off, mx, sm);
+MDS_SIMD_CLONES void row_stats_f32(int64_t b, int64_t e, const float* s, int64_t tj, float scale, int64_t off,
+                                   float* mx, float* sm) {
+  row_stats_rows<float>(b, e, s, tj, scale, off, mx, sm);
 }
 
-void row_stats_f64(int64_t b, int64_t e, const double* s, int64_t tj, int64_t off, double* mx, double* sm) {
-  row_stats_rows<double>(b, e, s, tj, off, mx, sm);
+void row_stats_f64(int64_t b, int64_t e, const double* s, int64_t tj, double scale, int64_t off, double* mx,
+                   double* sm) {
+  row_stats_rows<double>(b, e, s, tj, scale, off, mx, sm);
 }
 
-MDS_SIMD_CLONES void grad_f32(int64_t b, int64_t e, float* s, int64_t tj, int64_t off, const float* lse_r,
-                              const float* coef_r, const float* lse_c, const float* coef_c) {
-  grad_rows<float>(b, e, s, tj, off, lse_r, coef_r, lse_c, coef_c);
+MDS_SIMD_CLONES void col_stats_f32(int64_t b, int64_t e, const float* s, int64_t ti, int64_t tj, float scale,
+                                   float* mx, float* sm, float* cmax, float* csum) {
+  col_stats_cols<float>(b, e, s, ti, tj, scale, mx, sm, cmax, csum);
 }
 
-void grad_f64(int64_t b, int64_t e, double* s, int64_t tj, int64_t off, const double* lse_r, const double* coef_r,
-              const double* lse_c, const double* coef_c) {
-  grad_rows<double>(b, e, s, tj, off, lse_r, coef_r, lse_c, coef_c);
+void col_stats_f64(int64_t b, int64_t e, const double* s, int64_t ti, int64_t tj, double scale, double* mx,
+                   double* sm, double* cmax, double* csum) {
+  col_stats_cols<double>(b, e, s, ti, tj, scale, mx, sm, cmax, csum);
 }
 
-inline void row_stats_any(int64_t b, int64_t e, const float* s, int64_t tj, int64_t off, float* mx, float* sm) {
-  row_stats_f32(b, e, s, tj, off, mx, sm);
+MDS_SIMD_CLONES void grad_f32(int64_t b, int64_t e, float* s, int64_t tj, float scale, int64_t off,
+                              const float* lse_r, const float* coef_r, const float* lse_c, const float* coef_c) {
+  grad_rows<float>(b, e, s, tj, scale, off, lse_r, coef_r, lse_c, coef_c);
 }
-inline void row_stats_any(int64_t b, int64_t e, const double* s, int64_t tj, int64_t off, double* mx, double* sm) {
-  row_stats_f64(b, e, s, tj, off, mx, sm);
+
+void grad_f64(int64_t b, int64_t e, double* s, int64_t tj, double scale, int64_t off, const double* lse_r,
+              const double* coef_r, const double* lse_c, const double* coef_c) {
+  grad_rows<double>(b, e, s, tj, scale, off, lse_r, coef_r, lse_c, coef_c);
 }
-inline void grad_any(int64_t b, int64_t e, float* s, int64_t tj, int64_t off, const float* lr, const float* cr,
-                     const float* lc, const float* cc) {
-  grad_f32(b, e, s, tj, off, lr, cr, lc, cc);
+
+inline void row_stats_any(int64_t b, int64_t e, const float* s, int64_t tj, float sc, int64_t off, float* mx,
+                          float* sm) {
+  row_stats_f32(b, e, s, tj, sc, off, mx, sm);
 }
-inline void grad_any(int64_t b, int64_t e, double* s, int64_t tj, int64_t off, const double* lr, const double* cr,
-                     const double* lc, const double* cc) {
-  grad_f64(b, e, s, tj, off, lr, cr, lc, cc);
+inline void row_stats_any(int64_t b, int64_t e, const double* s, int64_t tj, double sc, int64_t off, double* mx,
+                          double* sm) {
+  row_stats_f64(b, e, s, tj, sc, off, mx, sm);
+}
+inline void col_stats_any(int64_t b, int64_t e, const float* s, int64_t ti, int64_t tj, float sc, float* mx,
+                          float* sm, float* cm, float* cs) {
+  col_stats_f32(b, e, s, ti, tj, sc, mx, sm, cm, cs);
+}
+inline void col_stats_any(int64_t b, int64_t e, const double* s, int64_t ti, int64_t tj, double sc, double* mx,
+                          double* sm, double* cm, double* cs) {
+  col_stats_f64(b, e, s, ti, tj, sc, mx, sm, cm, cs);
+}
+inline void grad_any(int64_t b, int64_t e, float* s, int64_t tj, float sc, int64_t off, const float* lr,
+                     const float* cr, const float* lc, const float* cc) {
+  grad_f32(b, e, s, tj, sc, off, lr, cr, lc, cc);
+}
+inline void grad_any(int64_t b, int64_t e, double* s, int64_t tj, double sc, int64_t off, const double* lr,
+                     const double* cr, const double* lc, const double* cc) {
+  grad_f64(b, e, s, tj, sc, off, lr, cr, lc, cc);
 }
 
 // Rows per parallel chunk: at least ATen's grain of 32768 elements, so that a small tile (a small batch, or the
@@ -110,20 +167,36 @@ inline void grad_any(int64_t b, int64_t e, double* s, int64_t tj, int64_t off, c
 constexpr int64_t kGrainElements = 32768;  // ATen's own (at::internal::GRAIN_SIZE)
 int64_t row_grain(int64_t tj) { return std::max<int64_t>(16, kGrainElements / std::max<int64_t>(tj, 1)); }
 
-void row_stats_cpu(const at::Tensor& tile, int64_t self_offset, at::Tensor& run_max, at::Tensor& run_sum) {
+void row_stats_cpu(const at::Tensor& tile, double scale, int64_t self_offset, at::Tensor& run_max,
+                   at::Tensor& run_sum) {
   const int64_t ti = tile.size(0), tj = tile.size(1);
   AT_DISPATCH_FLOATING_TYPES(tile.scalar_type(), "supcon_row_stats_cpu", [&] {
     const scalar_t* s = tile.data_ptr<scalar_t>();
     scalar_t* mx = run_max.data_ptr<scalar_t>();
     scalar_t* sm = run_sum.data_ptr<scalar_t>();
+    const auto sc = static_cast<scalar_t>(scale);
     at::parallel_for(0, ti, row_grain(tj), [&](int64_t begin, int64_t end) {
-      row_stats_any(begin, end, s, tj, self_offset, mx, sm);
+      row_stats_any(begin, end, s, tj, sc, self_offset, mx, sm);
     });
   });
 }
 
-void grad_tile_cpu(at::Tensor& tile, int64_t self_offset, const at::Tensor& lse_rows, const at::Tensor& coef_rows,
-                   const at::Tensor* lse_cols, const at::Tensor* coef_cols) {
+void col_stats_cpu(const at::Tensor& tile, double scale, at::Tensor& run_max, at::Tensor& run_sum) {
+  const int64_t ti = tile.size(0), tj = tile.size(1);
+  AT_DISPATCH_FLOATING_TYPES(tile.scalar_type(), "supcon_col_stats_cpu", [&] {
+    const scalar_t* s = tile.data_ptr<scalar_t>();
+    scalar_t* mx = run_max.data_ptr<scalar_t>();
+    scalar_t* sm = run_sum.data_ptr<scalar_t>();
+    const auto sc = static_cast<scalar_t>(scale);
+    at::parallel_for(0, tj, row_grain(ti), [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> scratch(2 * (end - begin));  // per-column max and sum of exp
+      col_stats_any(begin, end, s, ti, tj, sc, mx, sm, scratch.data(), scratch.data() + (end - begin));
+    });
+  });
+}
+
+void grad_tile_cpu(at::Tensor& tile, double scale, int64_t self_offset, const at::Tensor& lse_rows,
+                   const at::Tensor& coef_rows, const at::Tensor* lse_cols, const at::Tensor* coef_cols) {
   const int64_t ti = tile.size(0), tj = tile.size(1);
   AT_DISPATCH_FLOATING_TYPES(tile.scalar_type(), "supcon_grad_tile_cpu", [&] {
     scalar_t* s = tile.data_ptr<scalar_t>();
@@ -131,13 +204,14 @@ void grad_tile_cpu(at::Tensor& tile, int64_t self_offset, const at::Tensor& lse_
     const scalar_t* cr = coef_rows.data_ptr<scalar_t>();
     const scalar_t* lc = lse_cols != nullptr ? lse_cols->data_ptr<scalar_t>() : nullptr;
     const scalar_t* cc = coef_cols != nullptr ? coef_cols->data_ptr<scalar_t>() : nullptr;
+    const auto sc = static_cast<scalar_t>(scale);
     at::parallel_for(0, ti, row_grain(tj), [&](int64_t begin, int64_t end) {
-      grad_any(begin, end, s, tj, self_offset, lr, cr, lc, cc);
+      grad_any(begin, end, s, tj, sc, self_offset, lr, cr, lc, cc);
     });
   });
 }
 
-const Epilogues kCpuEpilogues{&row_stats_cpu, &grad_tile_cpu};
+const Epilogues kCpuEpilogues{&row_stats_cpu, &col_stats_cpu, &grad_tile_cpu};
 
 void check_cpu(const at::Tensor& z) { TORCH_CHECK(z.device().is_cpu(), "z must be a CPU tensor here"); }
 

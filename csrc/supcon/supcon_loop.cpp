@@ -2,6 +2,7 @@
 #include "supcon.h"
 
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/version.h>
 
 #include <cstdlib>
 #include <limits>
@@ -37,6 +38,36 @@ at::ScalarType accumulate_type(const at::Tensor& z) {
   return z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The operand type of the gradient GEMMs (G z, G^T z). G's entries (upstream gradient times a softmax, 1e-8 and
+// below in large batches) keep their range in bf16, which has fp32's exponent, but underflow fp16's: bf16 inputs
+// get bf16 weights (tensor cores), every other dtype keeps the accumulation type.
+at::ScalarType weight_type(const at::Tensor& z) {
+  return z.scalar_type() == at::kBFloat16 ? at::kBFloat16 : accumulate_type(z);
+}
+
+// a @ b accumulated and returned in `acc`, reading a and b in their own dtype. On CUDA, bf16/fp16 operands go to
+// cuBLAS as they are (tensor cores; mm's out_dtype gives fp32 accumulation and output). The CPU has no such GEMM:
+// there the operands are upcast first, which computes the same products (exact in fp32) in the same loop.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+#define MDS_MM_OUT_DTYPE 1  // aten::mm.dtype (torch >= 2.8)
+#endif
+at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, at::ScalarType acc) {
+  if (a.scalar_type() == acc) return at::mm(a, b);
+#ifdef MDS_MM_OUT_DTYPE
+  if (a.is_cuda()) return at::mm(a, b, acc);
+#endif
+  return at::mm(a.to(acc), b.to(acc));
+}
+
+// out += a @ b, with out in the accumulation type.
+void add_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == out.scalar_type()) {
+    out.addmm_(a, b);
+  } else {
+    out.add_(gemm(a, b, out.scalar_type()));
+  }
+}
+
 // Labels as indices 0..k-1 for the per-class sums, and k. With num_classes >= 0 the caller promises labels in
 // [0, num_classes): they are used as they are, with no host-device synchronisation (checked on CPU, where the
 // check is free; on CUDA an out-of-range label is a device-side assert). Otherwise any int64 values are remapped
@@ -69,8 +100,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_forward_impl(
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_inputs(z, labels, temperature, anchor_start, anchor_count);
   const int64_t m = z.size(0), n = anchor_count;
-  const at::Tensor z32 = z.to(accumulate_type(z)).contiguous();
-  const at::Tensor zs = z32 * (1.0 / temperature);  // scaled copy: tiles come out of the matmul as logits
+  const at::ScalarType acc = accumulate_type(z);
+  const double scale = 1.0 / temperature;  // applied by the epilogues: tiles are raw dot products
+  const at::Tensor zc = z.contiguous();    // the GEMMs' operand, in z's own dtype
+  const at::Tensor z32 = zc.to(acc);       // per-class sums, O(m d)
   const auto opts = z32.options();
   at::Tensor run_max = at::full({n}, -std::numeric_limits<double>::infinity(), opts);
   at::Tensor run_sum = at::zeros({n}, opts);
@@ -78,27 +111,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_forward_impl(
     if (is_symmetric(z, anchor_start, anchor_count)) {
       for (int64_t i0 = 0; i0 < m; i0 += tile) {
         const int64_t ti = std::min(tile, m - i0);
-        at::Tensor zi = zs.narrow(0, i0, ti);
+        at::Tensor zi = zc.narrow(0, i0, ti);
         at::Tensor mi = run_max.narrow(0, i0, ti), si = run_sum.narrow(0, i0, ti);
         for (int64_t j0 = i0; j0 < m; j0 += tile) {
           const int64_t tj = std::min(tile, m - j0);
-          at::Tensor s = at::mm(zi, z32.narrow(0, j0, tj).t());
-          ep.row_stats(s, i0 - j0, mi, si);
-          if (j0 != i0) {  // S_JI = S_IJ^T: the same tile serves the column block's rows
+          at::Tensor s = gemm(zi, zc.narrow(0, j0, tj).t(), acc);
+          ep.row_stats(s, scale, i0 - j0, mi, si);
+          if (j0 != i0) {  // S_JI = S_IJ^T: the same tile's columns are the column block's rows
             at::Tensor mj = run_max.narrow(0, j0, tj), sj = run_sum.narrow(0, j0, tj);
-            ep.row_stats(s.t().contiguous(), kNoSelf, mj, sj);
+            ep.col_stats(s, scale, mj, sj);
           }
         }
       }
     } else {
-      const at::Tensor za = zs.narrow(0, anchor_start, n);
+      const at::Tensor za = zc.narrow(0, anchor_start, n);
       for (int64_t i0 = 0; i0 < n; i0 += tile) {
         const int64_t ti = std::min(tile, n - i0);
         at::Tensor zi = za.narrow(0, i0, ti);
         at::Tensor mi = run_max.narrow(0, i0, ti), si = run_sum.narrow(0, i0, ti);
         for (int64_t j0 = 0; j0 < m; j0 += tile) {
           const int64_t tj = std::min(tile, m - j0);
-          ep.row_stats(at::mm(zi, z32.narrow(0, j0, tj).t()), anchor_start + i0 - j0, mi, si);
+          ep.row_stats(gemm(zi, zc.narrow(0, j0, tj).t(), acc), scale, anchor_start + i0 - j0, mi, si);
         }
       }
     }
@@ -128,9 +161,11 @@ at::Tensor supcon_backward_impl(const at::Tensor& grad_rows, const at::Tensor& z
   const int64_t m = z.size(0), n = anchor_count;
   TORCH_CHECK(grad_rows.numel() == n && lse.numel() == n && num_pos.numel() == n,
               "grad_rows, lse and num_pos must have anchor_count = ", n, " elements");
-  const at::ScalarType acc = accumulate_type(z);
-  const at::Tensor z32 = z.to(acc).contiguous();
-  const at::Tensor zs = z32 * (1.0 / temperature);
+  const at::ScalarType acc = accumulate_type(z), wt = weight_type(z);
+  const double scale = 1.0 / temperature;
+  const at::Tensor zc = z.contiguous();                           // operand of the similarity GEMMs
+  const at::Tensor z32 = zc.to(acc);                              // per-class sums, and the result's type
+  const at::Tensor zw = wt == acc ? z32 : zc;                     // operand of the gradient GEMMs, beside G
   const at::Tensor lse32 = lse.to(acc).contiguous();
   const at::Tensor cnt = num_pos.to(acc);
   const at::Tensor coef = at::where(cnt > 0, grad_rows.to(acc), at::zeros_like(cnt)).contiguous();
@@ -140,34 +175,38 @@ at::Tensor supcon_backward_impl(const at::Tensor& grad_rows, const at::Tensor& z
     if (is_symmetric(z, anchor_start, anchor_count)) {
       for (int64_t i0 = 0; i0 < m; i0 += tile) {
         const int64_t ti = std::min(tile, m - i0);
-        at::Tensor zi = z32.narrow(0, i0, ti), zsi = zs.narrow(0, i0, ti);
+        at::Tensor zi = zc.narrow(0, i0, ti), zwi = zw.narrow(0, i0, ti);
         at::Tensor lse_i = lse32.narrow(0, i0, ti), coef_i = coef.narrow(0, i0, ti);
         at::Tensor dzi = dz.narrow(0, i0, ti);
         for (int64_t j0 = i0; j0 < m; j0 += tile) {
           const int64_t tj = std::min(tile, m - j0);
-          at::Tensor zj = z32.narrow(0, j0, tj);
           at::Tensor lse_j = lse32.narrow(0, j0, tj), coef_j = coef.narrow(0, j0, tj);
-          at::Tensor h = at::mm(zsi, zj.t());
+          at::Tensor h = gemm(zi, zc.narrow(0, j0, tj).t(), acc);
           // h = G_IJ + G_JI^T: one tile of S serves the gradient of both row blocks.
-          ep.grad_tile(h, i0 - j0, lse_i, coef_i, &lse_j, &coef_j);
-          dzi.addmm_(h, zj);
-          if (j0 != i0) dz.narrow(0, j0, tj).addmm_(h.t(), zi);
+          ep.grad_tile(h, scale, i0 - j0, lse_i, coef_i, &lse_j, &coef_j);
+          const at::Tensor hw = h.to(wt);
+          add_gemm(dzi, hw, zw.narrow(0, j0, tj));
+          if (j0 != i0) {
+            at::Tensor dzj = dz.narrow(0, j0, tj);
+            add_gemm(dzj, hw.t(), zwi);
+          }
         }
       }
     } else {
-      const at::Tensor za = z32.narrow(0, anchor_start, n), zsa = zs.narrow(0, anchor_start, n);
+      const at::Tensor za = zc.narrow(0, anchor_start, n), zwa = zw.narrow(0, anchor_start, n);
       for (int64_t i0 = 0; i0 < n; i0 += tile) {
         const int64_t ti = std::min(tile, n - i0);
-        at::Tensor zi = za.narrow(0, i0, ti), zsi = zsa.narrow(0, i0, ti);
+        at::Tensor zi = za.narrow(0, i0, ti), zwi = zwa.narrow(0, i0, ti);
         at::Tensor lse_i = lse32.narrow(0, i0, ti), coef_i = coef.narrow(0, i0, ti);
         at::Tensor dzi = dz.narrow(0, anchor_start + i0, ti);
         for (int64_t j0 = 0; j0 < m; j0 += tile) {
           const int64_t tj = std::min(tile, m - j0);
-          at::Tensor zj = z32.narrow(0, j0, tj);
-          at::Tensor g = at::mm(zsi, zj.t());
-          ep.grad_tile(g, anchor_start + i0 - j0, lse_i, coef_i, nullptr, nullptr);
-          dzi.addmm_(g, zj);                       // the anchors' own term: G z
-          dz.narrow(0, j0, tj).addmm_(g.t(), zi);  // the contrast rows' term: G^T z_anchor
+          at::Tensor g = gemm(zi, zc.narrow(0, j0, tj).t(), acc);
+          ep.grad_tile(g, scale, anchor_start + i0 - j0, lse_i, coef_i, nullptr, nullptr);
+          const at::Tensor gw = g.to(wt);
+          at::Tensor dzj = dz.narrow(0, j0, tj);
+          add_gemm(dzi, gw, zw.narrow(0, j0, tj));  // the anchors' own term: G z
+          add_gemm(dzj, gw.t(), zwi);               // the contrast rows' term: G^T z_anchor
         }
       }
     }
