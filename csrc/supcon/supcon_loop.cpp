@@ -89,8 +89,6 @@ std::pair<at::Tensor, int64_t> dense_labels(const at::Tensor& labels, int64_t nu
 
 bool is_symmetric(const at::Tensor& z, int64_t start, int64_t count) { return start == 0 && count == z.size(0); }
 
-constexpr int64_t kNoSelf = std::numeric_limits<int64_t>::min() / 2;
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_forward_impl(
