@@ -318,7 +318,8 @@ def render(results: dict) -> str:
         lines += ["", "## Recipe search on validation", "",
                   "`--tune KEY=VALUE ...`: each candidate trained once more and judged on the validation table alone "
                   "(the kept checkpoint's accuracy; at equal accuracy, its CE where both runs recorded it); only the "
-                  "chosen one is scored on test (a tie keeps the earlier: the row as it is, then the order given).",
+                  "chosen one is scored on test (a tie keeps the earlier: the row as it is, then the order given); the row as it "
+                  "is has its test score from the study.",
                   "", "| k | draw | row | candidate | validation acc | validation CE | test acc |",
                   "| ---: | ---: | --- | --- | ---: | ---: | ---: |"]
         for skey in searches:
@@ -328,7 +329,8 @@ def render(results: dict) -> str:
                 r = results.get(cand, {})
                 label = cand.split("~")[1] if "~" in cand else "as it is"
                 mark = " (chosen)" if cand == search["chosen"] else ""
-                test_acc = pct(r.get("test_accuracy")) if cand == search["chosen"] else "not read"
+                # the row as it is was scored as part of the study; a candidate only when chosen
+                test_acc = pct(r.get("test_accuracy")) if cand == search["chosen"] or "~" not in cand else "not read"
                 ce = f"{r['val_ce']:.3f}" if r.get("val_ce") is not None else "not recorded"
                 lines.append(f"| {kk[1:]} | {dd[4:]} | {row} | {label}{mark} | {pct(r.get('val_acc'))} | {ce} "
                              f"| {test_acc} |")
