@@ -318,8 +318,8 @@ def render(results: dict) -> str:
         lines += ["", "## Recipe search on validation", "",
                   "`--tune KEY=VALUE ...`: each candidate trained once more and judged on the validation table alone "
                   "(the kept checkpoint's accuracy; at equal accuracy, its CE where both runs recorded it); only the "
-                  "chosen one is scored on test (a tie keeps the earlier: the row as it is, then the order given); the row as it "
-                  "is has its test score from the study.",
+                  "chosen one is scored on test (a tie keeps the earlier: the row as it is, then the order given); "
+                  "the row as it is has its test score from the study.",
                   "", "| k | draw | row | candidate | validation acc | validation CE | test acc |",
                   "| ---: | ---: | --- | --- | ---: | ---: | ---: |"]
         for skey in searches:

@@ -12,8 +12,6 @@
 namespace metric_ds {
 namespace {
 
-// Per-row-range kernels. The bodies are always inlined into the wrappers below, which GCC clones for AVX-512,
-// AVX2 and baseline x86-64 and picks at load time: one portable .so with wide SIMD where the CPU has it.
 // Merge a tile's (max, sum of exp) of one row or column into the running online log-sum-exp.
 template <typename T>
 __attribute__((always_inline)) inline void merge_lse(T tmax, T tsum, T& run_max, T& run_sum) {
@@ -28,6 +26,9 @@ __attribute__((always_inline)) inline void merge_lse(T tmax, T tsum, T& run_max,
   }
 }
 
+// Per-range kernels (rows; columns for col_stats). The bodies are always inlined into the wrappers below, which
+// GCC clones for AVX-512, AVX2 and baseline x86-64 and picks at load time: one portable .so with wide SIMD where the
+// CPU has it.
 // Tiles hold dot products; logits are dot products times `scale` (> 0), so a row's largest logit is its largest
 // dot product times scale.
 template <typename T>
@@ -59,6 +60,7 @@ template <typename T>
 __attribute__((always_inline)) inline void col_stats_cols(int64_t begin, int64_t end, const T* s, int64_t ti,
                                                           int64_t tj, T scale, T* mx, T* sm, T* cmax, T* csum) {
   const int64_t w = end - begin;
+  if (ti == 0) return;
   for (int64_t c = 0; c < w; ++c) {
     cmax[c] = -std::numeric_limits<T>::infinity();
     csum[c] = 0;
@@ -73,9 +75,7 @@ __attribute__((always_inline)) inline void col_stats_cols(int64_t begin, int64_t
 #pragma omp simd
     for (int64_t c = 0; c < w; ++c) csum[c] += fast_exp((row[c] - cmax[c]) * scale);
   }
-  for (int64_t c = 0; c < w; ++c) {
-    if (ti > 0) merge_lse(cmax[c] * scale, csum[c], mx[begin + c], sm[begin + c]);
-  }
+  for (int64_t c = 0; c < w; ++c) merge_lse(cmax[c] * scale, csum[c], mx[begin + c], sm[begin + c]);
 }
 
 template <typename T>
