@@ -2,12 +2,17 @@
 limited-labelling case (10 labelled rows per class) against CE on those rows alone, beside published results.
 
     .venv/bin/python benchmarks/studies/banking77.py [--only ce_supcon ce_only ...] [--epochs 3]
+    .venv/bin/python benchmarks/studies/banking77.py --only ce_supcon --tune training.metric_loss_weight=0.25 ...
 
 Every configuration trains the bundled all-MiniLM-L6-v2 with ``configs/banking77.yaml`` (plus the overrides
 listed below), selects its checkpoint on a validation split of train.csv, and is evaluated once on test.csv.
 Results accumulate in ``benchmarks/results/banking77.json`` (a configuration already there is not re-run unless
 ``--force``) and are rendered to ``benchmarks/results/banking77.md``. Data: ``$BANKING77_DIR``
 (default ``data/banking77``, shipped in the repository).
+
+``--tune KEY=VALUE ...`` is the recipe search: each override is trained once more on top of the configuration
+(``NAME~KEY=VALUE``) and judged on the validation split alone (:func:`beats`); only a candidate that beats the
+configuration as it is gets scored on test, once. Several study processes may run at once (:func:`save` merges).
 """
 from __future__ import annotations
 
@@ -81,11 +86,11 @@ def prepare(data_dir: Path, name: str, options: list[str], seed: int) -> tuple[P
 @torch.no_grad()
 def linear_probe(model_dir: Path, train: Path, test: Path) -> dict[str, float]:
     """Softmax regression on the frozen SupCon embeddings of train.csv, scored on test.csv."""
+    from metric_ds.artifact import load_model, read_labels
+    from metric_ds.commands.evaluate import embed_table
     from metric_ds.data.io import read_table
     from metric_ds.data.validation import validate_frame
-    from metric_ds.commands.evaluate import embed_table
     from metric_ds.metrics import accuracy, macro_f1
-    from metric_ds.artifact import load_model, read_labels
 
     model, tok = load_model(model_dir)
     lm = read_labels(model_dir)
@@ -139,16 +144,23 @@ def check_same_run(name: str, run_dir: Path, sets: list[str], train: Path, test:
         raise SystemExit(f"--adopt {name}={run_dir}: its eval/test.json is not an evaluation of {test}'s rows")
 
 
-def run_config(name: str, data_dir: Path, epochs: int | None, seed: int, adopt: Path | None = None) -> dict:
+def run_config(name: str, data_dir: Path, epochs: int | None, seed: int, adopt: Path | None = None,
+               candidate: str | None = None) -> dict:
+    """Train ``name`` at ``seed`` and score its ``best/`` once on test. ``candidate`` (``KEY=VALUE``): a candidate
+    of the recipe search, trained with that override too and judged on validation only (no test score)."""
     prep, overrides, description = STUDY[name]
     train, test = prepare(data_dir, name, prep, seed)
     run_name = name if seed == DEFAULT_SEED else f"{name}_seed{seed}"
+    if candidate:
+        key, value = candidate.split("=", 1)
+        run_name += f"-{key.split('.')[-1]}-{value}"  # the run folder: letters, digits, '.', '_', '-'
+        overrides = [*overrides, candidate]
     sets = [f"run_name={run_name}", f"checkpointing.checkpoints_dir={WORK}", f"data.train_path={train}",
             f"training.seed={seed}", *overrides]
     if epochs is not None and not any(o.startswith("training.num_epochs") for o in overrides):
         sets.append(f"training.num_epochs={epochs}")
     if adopt is not None:
-        run_dir, ev_path = adopt, adopt / "eval" / "test.json"
+        run_dir = adopt
         check_same_run(name, run_dir, sets, train, test)
         summary = json.loads((run_dir / "summary.json").read_text())
         train_s = summary["wall_time_s"]
@@ -157,18 +169,84 @@ def run_config(name: str, data_dir: Path, epochs: int | None, seed: int, adopt: 
         run([PY, "-m", "metric_ds", "train", "--overwrite", "--config", CONFIG, *sum((["--set", s] for s in sets), [])])
         train_s = time.time() - start
         run_dir = WORK / run_name
-        ev_path = run_dir / "eval" / "test.json"
-        run([PY, "-m", "metric_ds", "evaluate", "--model", str(run_dir / "best"), "--data", str(test),
-             "--output", str(ev_path)])
         summary = json.loads((run_dir / "summary.json").read_text())
-    ev = json.loads(ev_path.read_text())
     result = {"description": description, "overrides": sets, "prepare": prep, "train_wall_s": round(train_s, 1),
               "steps": summary["steps"], "best_metric": summary["best_metric"], "best_value": summary["best_value"],
-              "best_step": summary["best_step"], "test_accuracy": ev.get("accuracy"),
-              "test_macro_f1": ev.get("macro_f1"), "test_retrieval": ev.get("retrieval", {})}
+              "best_step": summary["best_step"], "run_dir": str(run_dir),
+              **validation_at_best(run_dir, summary["best_step"])}
+    if candidate:
+        return result | {"candidate": candidate}
+    result |= score_on_test(run_dir, test, adopted=adopt is not None)
     if name == "supcon_only":
         result.update(linear_probe(run_dir / "best", train, test))
     return result
+
+
+def score_on_test(run_dir: Path, test: Path, adopted: bool = False) -> dict:
+    """Evaluate ``run_dir/best`` on test.csv (an adopted run was evaluated already: read its result)."""
+    ev_path = run_dir / "eval" / "test.json"
+    if not adopted:
+        run([PY, "-m", "metric_ds", "evaluate", "--model", str(run_dir / "best"), "--data", str(test),
+             "--output", str(ev_path)])
+    ev = json.loads(ev_path.read_text())
+    return {"test_accuracy": ev.get("accuracy"), "test_macro_f1": ev.get("macro_f1"),
+            "test_retrieval": ev.get("retrieval", {})}
+
+
+def validation_at_best(run_dir: Path, best_step: int) -> dict:
+    """Validation accuracy and CE of the checkpoint kept in ``best/``, whatever rule kept it: the recipe searches
+    compare candidates on these (CE, not the total loss, whose SupCon part depends on the candidate's weight and
+    temperature)."""
+    metrics = run_dir / "metrics.jsonl"
+    for line in metrics.read_text().splitlines() if metrics.exists() else []:
+        rec = json.loads(line)
+        if rec.get("step") == best_step and "val/acc" in rec:
+            return {"val_acc": rec["val/acc"], "val_ce": rec["val/ce"]}
+    return {}
+
+
+def beats(a: dict, b: dict, by: str = "val_acc") -> bool:
+    """Whether candidate ``a`` is strictly better than ``b`` on validation. ``val_acc``: the kept checkpoint's
+    accuracy; at equal accuracy (a small validation table moves in coarse steps, so ties happen) the lower
+    validation CE, where both runs recorded it. ``val_loss`` (a checkpoint-by-loss search): the lower loss."""
+    if by == "val_loss":
+        return a[by] < b[by]
+    if a["val_acc"] != b["val_acc"]:
+        return a["val_acc"] > b["val_acc"]
+    return a.get("val_ce") is not None and b.get("val_ce") is not None and a["val_ce"] < b["val_ce"]
+
+
+def val_acc_of(r: dict) -> dict:
+    """A row's validation accuracy at its kept checkpoint (older rows recorded it only as their best value)."""
+    if "val_acc" not in r and r.get("best_metric") == "val/acc":
+        return r | {"val_acc": r["best_value"]}
+    return r
+
+
+def tune(name: str, seed: int, candidates: list[str], data_dir: Path, force: bool, choose: bool = True) -> dict:
+    """The recipe search for configuration ``name`` at ``seed``: every candidate override is trained and judged
+    on validation alone against the configuration as it is; a tie keeps the earlier (the configuration, then the
+    order given). Only a winning candidate is scored on test, once. Records ``NAME~search``. ``choose=False``
+    only trains (candidates may train in several processes; one last call naming them all then chooses)."""
+    base_key = result_key(name, seed)
+    results = load()
+    if base_key not in results:
+        raise SystemExit(f"the search compares with {base_key} as it is: run it first (--only {name})")
+    for c in candidates:
+        if f"{base_key}~{c}" not in results or force:
+            results = save(f"{base_key}~{c}", run_config(name, data_dir, None, seed, candidate=c))
+    if not choose:
+        return results
+    chosen = base_key
+    for c in candidates:
+        if beats(val_acc_of(results[f"{base_key}~{c}"]), val_acc_of(results[chosen])):
+            chosen = f"{base_key}~{c}"
+    if chosen != base_key and "test_accuracy" not in results[chosen]:
+        _, test = prepare(data_dir, name, STUDY[name][0], seed)
+        results = save(chosen, results[chosen] | score_on_test(Path(results[chosen]["run_dir"]), test))
+    search = {"candidates": [base_key] + [f"{base_key}~{c}" for c in candidates],
+              "criterion": "val_acc, then val_ce", "chosen": chosen}
+    return save(f"{base_key}~search", search)
 
 
 NOTES = [
@@ -241,6 +319,30 @@ def render_seeds(results: dict) -> list[str]:
     return lines
 
 
+def render_searches(results: dict) -> list[str]:
+    """One table per recipe search: each candidate's validation accuracy and CE, the test score of the chosen."""
+    lines = []
+    pct = lambda v: "" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    for key, search in results.items():
+        if not key.endswith("~search"):
+            continue
+        base = key.removesuffix("~search")
+        lines += ["", f"## Recipe search: {base}", "",
+                  f"Judged on the validation split alone ({search['criterion']}); only the chosen is scored on test.",
+                  "", "| candidate | val acc | val CE | best step | train wall | test acc |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for cand in search["candidates"]:
+            r = val_acc_of(results.get(cand, {}))
+            label = "as it is" if cand == base else cand.split("~", 1)[1]
+            if cand == search["chosen"]:
+                label += " (chosen)"
+            ce = "" if r.get("val_ce") is None else f"{r['val_ce']:.4f}"
+            test = pct(r.get("test_accuracy")) if cand == search["chosen"] else ""
+            lines.append(f"| {label} | {pct(r.get('val_acc'))} | {ce} | {r.get('best_step', '')} | "
+                         f"{r.get('train_wall_s', 0) / 60:.1f} min | {test} |")
+    return lines
+
+
 def render(results: dict) -> str:
     meta = results.get("_meta", {})
     lines = ["# BANKING77 study", "",
@@ -282,8 +384,28 @@ def render(results: dict) -> str:
         lines.append(f"- 10 labelled per class: CE + SupCon on all rows {100 * fs:.2f} vs CE alone {100 * fs_ce:.2f} "
                      f"({'above' if fs > fs_ce else 'not above'}); CPFT 87.20 is {100 * (0.872 - fs):.2f} points away.")
     lines += render_seeds(results)
+    lines += render_searches(results)
     lines += ["", "## Notes", ""] + [f"- {n}" for n in NOTES + results.get("_notes", [])]
     return "\n".join(lines) + "\n"
+
+
+def load() -> dict:
+    path = RESULTS / "banking77.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def save(key: str | None, result: dict | None) -> dict:
+    """Merge one result into the JSON as it is on disk now (several study processes may run at once), stamp the
+    machine and rewrite the Markdown."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    results = load()
+    results["_meta"] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+                        "torch": torch.__version__, "seed": DEFAULT_SEED}
+    if key is not None:
+        results[key] = result
+    (RESULTS / "banking77.json").write_text(json.dumps(results, indent=2))
+    (RESULTS / "banking77.md").write_text(render(results))
+    return results
 
 
 def main() -> None:
@@ -296,27 +418,32 @@ def main() -> None:
     p.add_argument("--adopt", nargs="+", default=[], metavar="NAME=RUN_DIR",
                    help="record a finished, evaluated run (e.g. ce_supcon=demo_runs/banking77 from `make demo`) "
                         "instead of training the same configuration again; refused unless its config and data match")
+    p.add_argument("--tune", nargs="+", metavar="KEY=VALUE", default=None,
+                   help="the recipe search: train each --only configuration once more with each config override, "
+                        "judge them and the configuration as it is on the validation split alone (accuracy of the "
+                        "kept checkpoint, then its CE), and score only the chosen one on test")
+    p.add_argument("--train-only", action="store_true",
+                   help="with --tune: train the candidates and stop, choosing nothing (to train candidates in "
+                        "parallel processes; a last --tune call naming every candidate chooses)")
     args = p.parse_args()
     adopt = {k: Path(v) for k, _, v in (a.partition("=") for a in args.adopt)}
     unknown = set(adopt) - set(STUDY)
     if unknown:
         p.error(f"--adopt: unknown configuration(s) {sorted(unknown)}; choose from {list(STUDY)}")
-    data_dir = DATA
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "banking77.json"
-    results = json.loads(path.read_text()) if path.exists() else {}
-    results["_meta"] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-                        "torch": torch.__version__, "seed": DEFAULT_SEED}
+    if args.tune and (adopt or args.epochs is not None):
+        p.error("--tune trains candidates of the configurations as they are: no --adopt or --epochs with it")
+    results = save(None, None)
     for name in args.only:
+        if args.tune:
+            results = tune(name, args.seed, args.tune, DATA, args.force, choose=not args.train_only)
+            continue
         key = result_key(name, args.seed)
         if key in results and not args.force and name not in adopt:
             continue
-        results[key] = run_config(name, data_dir, args.epochs, args.seed, adopt.get(name))
+        result = run_config(name, DATA, args.epochs, args.seed, adopt.get(name))
         if name in adopt:
-            results[key]["adopted_from"] = str(adopt[name].resolve())
-        path.write_text(json.dumps(results, indent=2))
-        (RESULTS / "banking77.md").write_text(render(results))
-    (RESULTS / "banking77.md").write_text(render(results))
+            result["adopted_from"] = str(adopt[name].resolve())
+        results = save(key, result)
     print((RESULTS / "banking77.md").read_text())
 
 

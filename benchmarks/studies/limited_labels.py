@@ -141,19 +141,8 @@ def train_eval(name: str, run_root: Path, train: Path, val: Path, test: Path, ba
     by = next((x.split("=", 1)[1] for x in sets if x.startswith("checkpointing.save_best_by=")), "acc")
     result = {"overrides": all_sets, "run_dir": str(run_dir), "train_wall_s": round(wall, 1),
               "steps": summary["steps"], "best_step": summary["best_step"], "checkpoint_by": by,
-              f"val_{by}": summary["best_value"], **validation_at_best(run_dir, summary["best_step"])}
+              f"val_{by}": summary["best_value"], **b77.validation_at_best(run_dir, summary["best_step"])}
     return result | (score_on_test(run_dir, test, bank) if on_test else {})
-
-
-def validation_at_best(run_dir: Path, best_step: int) -> dict:
-    """Validation accuracy and CE of the checkpoint kept in ``best/``, whatever rule kept it: the recipe search
-    compares candidates on these (CE, not the total loss, whose SupCon part depends on the candidate's weight and
-    temperature)."""
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("step") == best_step and "val/acc" in rec:
-            return {"val_acc": rec["val/acc"], "val_ce": rec["val/ce"]}
-    return {}
 
 
 def setfit_row(train: Path, test: Path, seed: int, out: Path) -> dict:
@@ -416,21 +405,10 @@ def save(result: dict | None, key: str | None, extra: dict | None = None) -> dic
     return results
 
 
-def beats(a: dict, b: dict, by: str) -> bool:
-    """Whether candidate ``a`` is strictly better than ``b`` on validation. ``val_acc``: the kept checkpoint's
-    accuracy; at equal accuracy (77 rows move in steps of 1.3 points, so ties are common) the lower validation CE,
-    where both runs recorded it. ``val_loss`` (the ``@loss`` variant): the lower loss."""
-    if by == "val_loss":
-        return a[by] < b[by]
-    if a["val_acc"] != b["val_acc"]:
-        return a["val_acc"] > b["val_acc"]
-    return a.get("val_ce") is not None and b.get("val_ce") is not None and a["val_ce"] < b["val_ce"]
-
-
 def tune(results: dict, key: str, row: str, k: int, seed: int, data_dir: Path, args: argparse.Namespace) -> dict:
     """The recipe search for one row of one draw: each ``args.tune`` override is trained and judged on
     validation only (``KEY~OVERRIDE``, no test score); the best validation accuracy among them and the row as it
-    is wins (:func:`beats`), and only a winning candidate is then scored on test, once. Records ``KEY~search``."""
+    is wins (``banking77.beats``), and only a winning candidate is then scored on test, once. Records ``KEY~search``."""
     if key not in results:
         raise SystemExit(f"the search compares with {key} as it is: run that row first")
     for candidate in args.tune:
@@ -439,11 +417,11 @@ def tune(results: dict, key: str, row: str, k: int, seed: int, data_dir: Path, a
             results = save(run_row(row, k, seed, data_dir, args.max_steps, args.checkpoint_by, candidate), cand_key)
     base = results[key]
     if "val_ce" not in base and Path(base.get("run_dir", "")).joinpath("metrics.jsonl").exists():
-        results = save(base | validation_at_best(Path(base["run_dir"]), base["best_step"]), key)  # older rows
+        results = save(base | b77.validation_at_best(Path(base["run_dir"]), base["best_step"]), key)  # older rows
     by = "val_loss" if args.checkpoint_by == "loss" else "val_acc"
     chosen = key
     for candidate in args.tune:  # strictly better only: a tie keeps the row as it is
-        if beats(results[f"{key}~{candidate}"], results[chosen], by):
+        if b77.beats(results[f"{key}~{candidate}"], results[chosen], by):
             chosen = f"{key}~{candidate}"
     if chosen != key and "test_accuracy" not in results[chosen]:
         r = results[chosen]
