@@ -104,10 +104,20 @@ def load_encoder(model_name: str | None, attn_implementation: str = "sdpa") -> t
     check_attention(attn_implementation)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        encoder = AutoModel.from_pretrained(path, attn_implementation=attn_implementation, local_files_only=True)
+        encoder, info = AutoModel.from_pretrained(path, attn_implementation=attn_implementation,
+                                                  local_files_only=True, output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, SafetensorError) as exc:  # a missing, unknown or truncated model
         raise UserError(f"model_name: could not load {path!r} offline: {exc}") from None
+    # transformers only warns when the weights leave tensors of the config's architecture out, and initialises
+    # them at random: training or predicting on such an encoder gives quietly wrong results. The pooler is not
+    # used (pooling is ours), so a checkpoint saved without it is fine.
+    missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith("pooler."))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise UserError(f"model_name: the weights in {path!r} do not match its config.json: {len(missing)} "
+                        f"tensor(s) of the architecture are missing ({shown}). Point model_name at a folder saved "
+                        "whole by save_pretrained (config and weights of the same model).")
     return encoder, tokenizer
 
 

@@ -177,3 +177,24 @@ def test_a_truncated_plain_encoder_is_a_user_error(tmp_path, tiny_model_dir):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(UserError, match="model_name: could not load .*encoder"):
         load_encoder(str(folder))
+
+
+def test_an_encoder_with_tensors_missing_is_a_user_error(tmp_path, tiny_model_dir):
+    """Weights that leave part of the config's architecture out would load as random tensors with only a warning:
+    one clear error naming the folder and the tensors instead. A checkpoint without the (unused) pooler loads."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from metric_ds.model import load_encoder
+
+    folder = tmp_path / "encoder"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if "pooler" not in k}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    load_encoder(str(folder))  # no pooler: fine
+    save_file({k: v for k, v in weights.items() if "layer.1." not in k}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"do not match its config.json: \d+ tensor\(s\).*layer\.1\."):
+        load_encoder(str(folder))
