@@ -60,7 +60,7 @@ def empty_outputs(model: Any) -> dict[str, torch.Tensor]:
 def encode(model: Callable[..., ModelOutput | torch.Tensor], tokenizer: Any, texts: Sequence[str],
            max_seq_length: int, batch_size: int, device: str | torch.device | None = None, *,
            length_sorted: bool = True, show_progress: bool | None = None, bar: Any = None,
-           desc: str = "encoding") -> dict[str, torch.Tensor]:
+           desc: str = "encoding", out_device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Run ``model`` over ``texts`` in batches; outputs in input order.
 
     The model must already be on ``device`` and in eval mode; each forward runs under ``torch.inference_mode``.
@@ -76,13 +76,16 @@ def encode(model: Callable[..., ModelOutput | torch.Tensor], tokenizer: Any, tex
         show_progress: a progress bar; ``None``: from :data:`PROGRESS_MIN_ROWS` texts on.
         bar: an outer progress bar to advance instead (the CLI's, over a whole file).
         desc: the progress bar's label.
+        out_device: where the outputs are gathered. The CPU by default; a caller that goes on computing on the
+            model's device (metrics over the whole table) passes that device and saves a round trip, and a sync
+            per batch.
 
     Returns:
-        float32 tensors on the CPU, shape (N, D), by name: ``logits``, ``h``, ``z`` (or ``z`` alone).
+        float32 tensors on ``out_device``, shape (N, D), by name: ``logits``, ``h``, ``z`` (or ``z`` alone).
     """
     n = len(texts)
     if n == 0:
-        return empty_outputs(model)
+        return {name: value.to(out_device) for name, value in empty_outputs(model).items()}
     device = pick_device(device)
     enc = tokenizer(list(texts), truncation=True, max_length=max_seq_length, return_attention_mask=False)
     keys = [k for k in _TOKEN_KEYS if k in enc]
@@ -97,11 +100,11 @@ def encode(model: Callable[..., ModelOutput | torch.Tensor], tokenizer: Any, tex
         for rows in row_batches(n, batch_size, lengths if length_sorted else None):
             batch = collate([{k: enc[k][i] for k in keys} for i in rows])
             with torch.inference_mode():
-                result = {name: value.cpu() for name, value in forward_batch(model, batch, device).items()}
-            index = torch.as_tensor(rows)
+                result = {name: value.to(out_device) for name, value in forward_batch(model, batch, device).items()}
+            index = torch.as_tensor(rows, device=out_device)
             for name, value in result.items():
                 if name not in out:
-                    out[name] = torch.empty((n, value.shape[1]), dtype=torch.float32)
+                    out[name] = torch.empty((n, value.shape[1]), dtype=torch.float32, device=out_device)
                 out[name][index] = value
             bar.update(len(rows))
     finally:

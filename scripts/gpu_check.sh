@@ -172,7 +172,7 @@ tests_step() {
   # skipped as a whole (op not built for the device, no GPU seen), pytest still exits 0: that is a failure here
   grep -Eq "[0-9]+ passed" <<< "$out" || { echo "tests/test_supcon_device.py ran nothing on $DEVICE"; exit 1; }
   $PY -m pytest -q -x -p no:cacheprovider -o addopts="" -m "not slow" -k "$sel" \
-    tests/test_supcon_op.py tests/test_bank.py tests/test_metrics.py
+    tests/test_supcon_op.py tests/test_bank.py tests/test_metrics.py tests/test_encode.py
 }
 
 nosync_step() {

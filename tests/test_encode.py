@@ -75,3 +75,23 @@ def test_row_batches_and_device():
 def test_mean_pool_ignores_padding():
     states = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
     torch.testing.assert_close(mean_pool(states, torch.tensor([[1, 1, 0]])), torch.tensor([[2.0, 3.0]]))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh runs it)"))])
+def test_outputs_gathered_on_the_device_asked_for(classifier, device):
+    """``out_device``: the outputs stay where the caller goes on computing (evaluate's metrics on the model's
+    device), in input order and equal to the CPU gathering; no texts gives empty outputs there too."""
+    model, tokenizer = classifier
+    model = model.to(device)
+    try:
+        on_cpu = E.encode(model, tokenizer, TEXTS, 12, 3, device)
+        there = E.encode(model, tokenizer, TEXTS, 12, 3, device, out_device=device)
+        assert {v.device.type for v in on_cpu.values()} == {"cpu"}
+        assert {v.device.type for v in there.values()} == {device}
+        for name, value in on_cpu.items():
+            torch.testing.assert_close(there[name].cpu(), value)
+        assert {v.device.type for v in E.encode(model, tokenizer, [], 12, 3, device, out_device=device).values()} \
+            == {device}
+    finally:
+        model.to("cpu")

@@ -99,7 +99,7 @@ def embed_table(model: torch.nn.Module, tokenizer: Any, df: Any, max_seq_length:
     """
     device = device or torch.device("cpu")
     out = encode(model, tokenizer, df["text"].tolist(), max_seq_length, batch_size, device,
-                 length_sorted=length_sorted, show_progress=False)
+                 length_sorted=length_sorted, show_progress=False, out_device=device)
     rows = {"labels": torch.tensor(df["label_id"].to_numpy(np.int64)), "index": torch.arange(len(df)),
             **{k: torch.tensor(df[k].to_numpy().astype(bool)) for k in ("classifier_mask", "metric_mask")}}
     return {k: v.to(device) for k, v in {**out, **rows}.items()}
