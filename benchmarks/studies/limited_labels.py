@@ -140,9 +140,28 @@ def train_eval(name: str, run_root: Path, train: Path, val: Path, test: Path, ba
     summary = json.loads((run_dir / "summary.json").read_text())
     by = next((x.split("=", 1)[1] for x in sets if x.startswith("checkpointing.save_best_by=")), "acc")
     result = {"overrides": all_sets, "run_dir": str(run_dir), "train_wall_s": round(wall, 1),
+              "recipe": recipe_of(run_dir),
               "steps": summary["steps"], "best_step": summary["best_step"], "checkpoint_by": by,
               f"val_{by}": summary["best_value"], **b77.validation_at_best(run_dir, summary["best_step"])}
     return result | (score_on_test(run_dir, test, bank) if on_test else {})
+
+
+def recipe_of(run_dir: Path) -> dict:
+    """The SupCon keys a row trained with, from its run's resolved config: the shipped recipe changed during the
+    study (``metric_loss_weight`` 0.5, then 0.25 once chosen on validation), so every row records its own."""
+    import yaml
+
+    training = yaml.safe_load((run_dir / "config.yaml").read_text())["training"]
+    return {k: training.get(k) for k in ("metric_loss_weight", "supcon_temperature", "label_free_weight")}
+
+
+STUDY_WEIGHT = 0.5  # the SupCon weight of the study's first rows; a row that used another says so in the table
+
+
+def weight_note(r: dict) -> str:
+    """`` (SupCon weight W)`` for a row that trained SupCon at another weight than the study's first rows."""
+    w = r.get("recipe", {}).get("metric_loss_weight")
+    return "" if w in (None, 0, STUDY_WEIGHT) else f" (SupCon weight {w:g})"
 
 
 def setfit_row(train: Path, test: Path, seed: int, out: Path) -> dict:
@@ -257,7 +276,7 @@ def render(results: dict) -> str:
             if row == "f":
                 continue
             r = results.get(f"{kk}/{dd}/{row}")
-            head = f"| {kk[1:]} | {dd[4:]} | {row} | {desc} |"
+            head = f"| {kk[1:]} | {dd[4:]} | {row} | {desc}{weight_note(r or {})} |"
             if r is None:
                 lines.append(head + " not run | | | | | | | |")
                 continue
@@ -462,6 +481,9 @@ def main() -> None:
     results["_oracle"] = oracle_row()
     results["_pseudo"] = {**results.get("_pseudo", {}), **pseudo_summaries()}
     results = save(None, None, results)
+    for key, r in list(results.items()):  # rows recorded before each row kept its recipe
+        if isinstance(r, dict) and "recipe" not in r and Path(r.get("run_dir", "")).joinpath("config.yaml").exists():
+            results = save(r | {"recipe": recipe_of(Path(r["run_dir"]))}, key)
     for k in [] if args.render_only else args.k:
         for seed in args.draws:
             for row in args.rows:
