@@ -330,10 +330,14 @@ def render_seeds(results: dict) -> list[str]:
     return lines
 
 
+def pct(v: float | None) -> str:
+    """A fraction as a percentage with two decimals; empty for a missing value."""
+    return "" if v is None else f"{100 * v:.2f}"
+
+
 def render_searches(results: dict) -> list[str]:
     """One table per recipe search: each candidate's validation accuracy and CE, the test score of the chosen."""
     lines = []
-    pct = lambda v: "" if v is None else f"{100 * v:.2f}"  # noqa: E731
     for key, search in results.items():
         if not key.endswith("~search"):
             continue
@@ -363,7 +367,6 @@ def render(results: dict) -> str:
              f"Machine: {meta.get('machine')}; torch {meta.get('torch')}; seed {meta.get('seed')}.", "",
              "| configuration | test acc (classifier) | test macro-F1 | k-NN acc | k-NN macro-F1 | Recall@1 | steps | train wall |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    pct = lambda v: "" if v is None else f"{100 * v:.2f}"  # noqa: E731
     for name in STUDY:
         r = results.get(name)
         if r is None:

@@ -149,10 +149,10 @@ def train_eval(name: str, run_root: Path, train: Path, val: Path, test: Path, ba
 def recipe_of(run_dir: Path) -> dict:
     """The SupCon keys a row trained with, from its run's resolved config: the shipped recipe changed during the
     study (``metric_loss_weight`` 0.5, then 0.25 once chosen on validation), so every row records its own."""
-    import yaml
+    from metric_ds.config import load_config
 
-    training = yaml.safe_load((run_dir / "config.yaml").read_text())["training"]
-    return {k: training.get(k) for k in ("metric_loss_weight", "supcon_temperature", "label_free_weight")}
+    training = load_config(run_dir / "config.yaml").training
+    return {k: getattr(training, k) for k in ("metric_loss_weight", "supcon_temperature", "label_free_weight")}
 
 
 STUDY_WEIGHT = 0.5  # the SupCon weight of the study's first rows; a row that used another says so in the table
