@@ -33,8 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from metric_ds.config import Config, TrainingConfig, save_config, schema_field
-from metric_ds.config import describe_schema_error
+from metric_ds.config import Config, TrainingConfig, describe_schema_error, save_config, schema_field
 from metric_ds.data.labels import LabelMap
 from metric_ds.errors import UserError, read_mapping
 from metric_ds.model import MetricClassifier, load_encoder

@@ -31,7 +31,13 @@ import banking77 as b77  # noqa: E402
 import limited_labels as ll  # noqa: E402
 
 from metric_ds.pseudo_label import (  # noqa: E402
-    assign_by_clusters, assign_by_knn, cluster_embeddings, embed_texts, estimate_precision, load_embedder)
+    assign_by_clusters,
+    assign_by_knn,
+    cluster_embeddings,
+    embed_texts,
+    estimate_precision,
+    load_embedder,
+)
 
 RESULTS_JSON = b77.RESULTS / "pseudo_sweep.json"
 K_MULTIPLES, PURITIES = (1, 2, 4), (0.6, 0.8, 1.0)  # k-means: k = multiple x classes; min_labelled 2

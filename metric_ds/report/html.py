@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import base64
-import json
 import html
+import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
