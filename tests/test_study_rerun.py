@@ -54,3 +54,13 @@ def test_retire_moves_the_run_folder_and_the_round_two_tables(tmp_path):
     assert (tmp_path / "pseudo_round2-metric_loss_weight-0.5.summary.json").exists()
     # a row whose folder is gone (older sessions deleted them) is kept as it is
     assert ll.retire({"recipe": OLD, "run_dir": str(run)}, "c", tmp_path)["run_dir"] == str(run)
+
+
+def test_the_first_recipe_table_pairs_each_first_run_with_its_re_run():
+    first = {"recipe": OLD, "val_acc": 0.8, "test_accuracy": 0.85}
+    results = {"k10/draw0/c#first": first, "k10/draw0/c": {"recipe": SHIPPED, "val_acc": 0.83, "test_accuracy": 0.86},
+               "k5/draw1/d#first": first, "k5/draw1/d": first}  # retired, its re-run still training
+    rows = [line for line in ll.first_recipe_lines(results, SHIPPED) if line.startswith("| 10") or
+            line.startswith("| 5")]
+    assert rows == ["| 10 | 0 | c | 0.5 | 80.00 | 85.00 | 83.00 | 86.00 | +1.00 |",
+                    "| 5 | 1 | d | 0.5 | 80.00 | 85.00 | not re-run yet | | |"]

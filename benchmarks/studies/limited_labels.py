@@ -422,10 +422,13 @@ def first_recipe_lines(results: dict, shipped: dict) -> list[str]:
             ow_text = f"{ow:g} (round 1 at {old.get('round1_recipe', FIRST_RECIPE)['metric_loss_weight']:g})"
         else:
             ow_text = f"{ow:g}"
-        diff = f"{100 * (new['test_accuracy'] - old['test_accuracy']):+.2f}" if new else ""
-        lines.append(f"| {kk[1:]} | {dd[4:]} | {row} | {ow_text} | {b77.pct(old.get('val_acc'))} "
-                     f"| {b77.pct(old['test_accuracy'])} | {b77.pct((new or {}).get('val_acc'))} "
-                     f"| {b77.pct((new or {}).get('test_accuracy'))} | {diff} |")
+        head = (f"| {kk[1:]} | {dd[4:]} | {row} | {ow_text} | {b77.pct(old.get('val_acc'))} "
+                f"| {b77.pct(old['test_accuracy'])} |")
+        if new is None or stale(new, row, shipped):  # retired, its re-run not finished (or stopped)
+            lines.append(head + " not re-run yet | | |")
+            continue
+        lines.append(f"{head} {b77.pct(new.get('val_acc'))} | {b77.pct(new['test_accuracy'])} "
+                     f"| {100 * (new['test_accuracy'] - old['test_accuracy']):+.2f} |")
     return lines
 
 
