@@ -558,7 +558,8 @@ def rerun_stale(results: dict, key: str, row: str, k: int, seed: int, data_dir: 
     if old is None or not stale(old, row, shipped):
         return results
     out = WORK / f"k{k}_draw{seed}"
-    results = save(retire(old, row, out), f"{key}#first")
+    if f"{key}#first" not in results:  # else an interrupted re-run: the first run was moved aside already
+        results = save(retire(old, row, out), f"{key}#first")
     same = [c for c, r in results.items() if c.startswith(f"{key}~") and not c.endswith("~search")
             and c.split("~", 1)[1].startswith("training.") and r.get("recipe") == shipped]
     if same and row not in ROUND2:
