@@ -140,7 +140,7 @@ def train_eval(name: str, run_root: Path, train: Path, val: Path, test: Path, ba
     summary = json.loads((run_dir / "summary.json").read_text())
     by = next((x.split("=", 1)[1] for x in sets if x.startswith("checkpointing.save_best_by=")), "acc")
     result = {"overrides": all_sets, "run_dir": str(run_dir), "train_wall_s": round(wall, 1),
-              "recipe": recipe_of(run_dir),
+              "recipe": recipe_of(run_dir / "config.yaml"),
               "steps": summary["steps"], "best_step": summary["best_step"], "checkpoint_by": by,
               f"val_{by}": summary["best_value"], **b77.validation_at_best(run_dir, summary["best_step"])}
     return result | (score_on_test(run_dir, test, bank) if on_test else {})
@@ -153,21 +153,19 @@ SUPCON_ROWS = ("c", "d", "e", "g", "g2")  # the rows whose training the SupCon r
 ROUND2 = {"d": "c", "g2": "g"}  # a round-2 row and the round-1 row whose model pseudo-labels for it
 
 
-def recipe_of(run_dir: Path) -> dict:
-    """The SupCon keys a run trained with, from its resolved config: the shipped recipe changed during the study
-    (``metric_loss_weight`` 0.5, then 0.25 once chosen on validation), so every row records its own."""
+def recipe_of(config: Path) -> dict:
+    """The SupCon keys of a config (a run's resolved ``config.yaml``, or the shipped recipe's): the shipped recipe
+    changed during the study (``metric_loss_weight`` 0.5, then 0.25 once chosen on validation), so every row
+    records its own."""
     from metric_ds.config import load_config
 
-    training = load_config(run_dir / "config.yaml").training
+    training = load_config(config).training
     return {k: getattr(training, k) for k in RECIPE_KEYS}
 
 
 def shipped_recipe() -> dict:
     """The SupCon keys of ``configs/limited_labels.yaml`` as it ships now."""
-    from metric_ds.config import load_config
-
-    training = load_config(b77.ROOT / CONFIG).training
-    return {k: getattr(training, k) for k in RECIPE_KEYS}
+    return recipe_of(b77.ROOT / CONFIG)
 
 
 def row_recipe(r: dict) -> dict:
@@ -260,7 +258,7 @@ def run_row(row: str, k: int, seed: int, data_dir: Path, max_steps: int | None =
                   estimated_precision=pl["estimated_precision"]["precision"], pseudo_label_wall_s=pl["wall_s"],
                   label_free_rows=int((table["source"] == "unassigned").sum()))
     if row in ROUND2:
-        result.update(round1_run=str(model.parent), round1_recipe=recipe_of(model.parent))
+        result.update(round1_run=str(model.parent), round1_recipe=recipe_of(model.parent / "config.yaml"))
     return result
 
 
@@ -531,6 +529,15 @@ def sibling(key: str, row: str, other: str) -> str:
     return f"{head}/{other}{last[len(row):]}"
 
 
+def round1_of(results: dict, key: str, row: str) -> dict | None:
+    """The result of the round-1 row whose model pseudo-labels for round-2 row ``row`` (``key``); None otherwise."""
+    return results.get(sibling(key, row, ROUND2[row])) if row in ROUND2 else None
+
+
+def run_dir_of(r: dict | None) -> Path | None:
+    return Path(r["run_dir"]) if r and r.get("run_dir") else None
+
+
 def retire(r: dict, row: str, out: Path) -> dict:
     """Move a row that trained with an earlier recipe out of the way of its re-run: its run folder (and, for a
     round-2 row, its round-2 pseudo-label tables, which ``pseudo_label`` would otherwise reuse) take the suffix
@@ -569,12 +576,11 @@ def rerun_stale(results: dict, key: str, row: str, k: int, seed: int, data_dir: 
             _, test = b77.prepare(data_dir, "", [], 42)
             r |= score_on_test(Path(r["run_dir"]), test, paths["labelled"])
         return save(r, key)
-    first = results.get(sibling(key, row, ROUND2[row])) if row in ROUND2 else None
+    first = round1_of(results, key, row)
     if first is not None and stale(first, ROUND2[row], shipped):
         raise SystemExit(f"{key} re-runs round 2 from its round-1 row, which trained another recipe: "
                          f"re-run row {ROUND2[row]} first (--rows {ROUND2[row]} {row})")
-    round1 = Path(first["run_dir"]) if first and first.get("run_dir") else None
-    result = run_row(row, k, seed, data_dir, args.max_steps, args.checkpoint_by, round1=round1)
+    result = run_row(row, k, seed, data_dir, args.max_steps, args.checkpoint_by, round1=run_dir_of(first))
     return save(result, key, {"_pseudo": pseudo_summaries()} if row != "e" else None)
 
 
@@ -613,7 +619,7 @@ def main() -> None:
     results = save(None, None, results)
     for key, r in list(results.items()):  # rows recorded before each row kept its recipe
         if isinstance(r, dict) and "recipe" not in r and Path(r.get("run_dir", "")).joinpath("config.yaml").exists():
-            results = save(r | {"recipe": recipe_of(Path(r["run_dir"]))}, key)
+            results = save(r | {"recipe": recipe_of(Path(r["run_dir"]) / "config.yaml")}, key)
     for k in [] if args.render_only else args.k:
         for seed in args.draws:
             for row in args.rows:
@@ -628,8 +634,7 @@ def main() -> None:
                     continue
                 # rows b, c, d, g and g2 (re)write pseudo-label tables; a, e and h leave the summary as it was
                 extra = {"_pseudo": pseudo_summaries()} if row in ("b", "c", "d", "g", "g2") else None
-                first = results.get(sibling(key, row, ROUND2[row])) if row in ROUND2 else None
-                round1 = Path(first["run_dir"]) if first and first.get("run_dir") else None
+                round1 = run_dir_of(round1_of(results, key, row))
                 results = save(run_row(row, k, seed, data_dir, args.max_steps, args.checkpoint_by, round1=round1),
                                key, extra)
     results = save(None, None, results)
